@@ -4,4 +4,20 @@
 //! group-commit writer (`store`), which encrypts it (`keys`) and fsyncs it in redb before the
 //! listener sends the acknowledgement.
 
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod devpki;
+pub mod engine;
 pub mod hl7;
+pub mod keys;
+pub mod listen;
+pub mod store;
+pub mod telemetry;
+
+/// Process hardening done first thing: no core dumps (they would hold PHI and keys, promise 3).
+pub fn harden_process() {
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    let _ = nix::sys::prctl::set_dumpable(false);
+}

@@ -1,0 +1,60 @@
+//! A minimal MLLP client: send one message, wait for the framed answer. Used by the demo and the
+//! benchmark; the forwarders build on it.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::hl7::mllp::{self, Deframer, Event};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection without answering")]
+    Closed,
+    #[error("the answer is larger than {0} bytes")]
+    Oversized(usize),
+}
+
+/// An MLLP connection over any stream (TCP or TLS).
+pub struct MllpClient<S> {
+    stream: S,
+    deframer: Deframer,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
+    pub fn new(stream: S) -> Self {
+        MllpClient {
+            stream,
+            deframer: Deframer::new(1024 * 1024),
+            buf: vec![0u8; 16 * 1024],
+        }
+    }
+
+    /// Sends `payload` framed and returns the payload of the next frame received.
+    pub async fn exchange(&mut self, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.stream.write_all(&mllp::encode(payload)).await?;
+        self.stream.flush().await?;
+        self.receive().await
+    }
+
+    /// The payload of the next frame received.
+    pub async fn receive(&mut self) -> Result<Vec<u8>, ClientError> {
+        loop {
+            match self.deframer.next_event() {
+                Some(Event::Frame(p)) => return Ok(p),
+                Some(Event::Oversized { limit, .. }) => return Err(ClientError::Oversized(limit)),
+                None => {}
+            }
+            let n = self.stream.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.deframer.push(&self.buf[..n]);
+        }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}

@@ -1,0 +1,249 @@
+//! Configuration: the TOML file (`/etc/hl7edge/hl7edge.toml`) parsed into file structs, then
+//! validated into [`Settings`] before any port is bound ("parse, don't validate").
+//!
+//! Invariants:
+//! - Every file struct denies unknown fields, so a typo is an error, never a silent default.
+//! - Every error names the file and the key (`listener[1].address`), and `hl7edge` exits 64 on it.
+//! - A configuration that would expose more than promise 4 allows is refused here: an `mllps`
+//!   listener on a wildcard address without an interface, a plaintext `mllp` listener without a
+//!   source allow-list (or with a `/0` entry), TLS without client authentication unless a
+//!   `danger_` knob says so.
+
+mod file;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use file::FileConfig;
+
+/// Default configuration path.
+pub const DEFAULT_PATH: &str = "/etc/hl7edge/hl7edge.toml";
+/// Default MLLP port.
+pub const DEFAULT_PORT: u16 = 2575;
+
+/// A configuration error, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Whether this box runs in production (the default) or for development and demos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Production,
+    Development,
+}
+
+/// Validated settings of the whole engine.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file these settings came from.
+    pub source: PathBuf,
+    pub environment: Environment,
+    /// Folder of the store and the development key file.
+    pub state_dir: PathBuf,
+    pub store: StoreSettings,
+    pub keys: KeySettings,
+    pub listeners: Vec<ListenerSettings>,
+    /// How long SIGTERM waits for connections to finish their pending ACKs.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// The redb file.
+    pub path: PathBuf,
+    /// A message with the same MSH-3, MSH-4 and MSH-10 within this window is a duplicate.
+    pub dedup_window: Duration,
+    /// Most messages one group commit takes.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeySettings {
+    /// Keys wrapped under a key file on disk: for demos and machines without a TPM.
+    Development { key_file: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Mllp,
+    Mllps,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Mllp => "mllp",
+            ListenerKind::Mllps => "mllps",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    pub name: String,
+    pub kind: ListenerKind,
+    pub address: SocketAddr,
+    /// Bound with SO_BINDTODEVICE when set.
+    pub interface: Option<String>,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub max_message_size: usize,
+    /// Answer with MLLP release 2 commit blocks instead of HL7 accept ACKs.
+    pub mllp_release2: bool,
+    /// Sources allowed to connect (plaintext listeners must have one).
+    pub allow: Vec<IpNet>,
+    pub tls: Option<TlsSettings>,
+}
+
+impl ListenerSettings {
+    /// Whether `ip` may connect. An empty list allows all (only `mllps` may have one).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to; `None` only with `danger_no_client_auth`.
+    pub client_ca: Option<PathBuf>,
+    /// Client subjects (`CN=...`) or SANs (`DNS:...`, `IP:...`, `URI:...`, `EMAIL:...`) allowed;
+    /// empty allows any certificate that chains to `client_ca`.
+    pub allowed_clients: Vec<String>,
+}
+
+impl Settings {
+    /// Reads and validates the configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors and anchors
+    /// relative paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        file.validate(path)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, Path::new("/etc/hl7edge/hl7edge.toml"))
+    }
+
+    const KEYS: &str =
+        "[engine]\nenvironment = \"development\"\n[keys]\nprovider = \"development\"\n";
+
+    fn err(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_mllps_listener_is_accepted() {
+        let s = load(&format!(
+            "{KEYS}[[listener]]\nname = \"integration\"\nkind = \"mllps\"\naddress = \"10.1.0.1:2575\"\n\
+             [listener.tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let l = &s.listeners[0];
+        assert_eq!(l.kind, ListenerKind::Mllps);
+        assert_eq!(l.max_message_size, 1024 * 1024);
+        assert_eq!(
+            l.tls.as_ref().unwrap().cert,
+            PathBuf::from("/etc/hl7edge/s.pem")
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = err(&format!("{KEYS}[store]\ndedup_windw = \"1h\"\n"));
+        assert!(e.contains("/etc/hl7edge/hl7edge.toml"), "{e}");
+        assert!(e.contains("dedup_windw"), "{e}");
+    }
+
+    #[test]
+    fn mllps_on_wildcard_without_interface_is_refused() {
+        let e = err(&format!(
+            "{KEYS}[[listener]]\nname = \"i\"\nkind = \"mllps\"\naddress = \"0.0.0.0:2575\"\n\
+             [listener.tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n"
+        ));
+        assert!(e.contains("listener[0].interface"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_listener_needs_an_allow_list() {
+        let base = format!("{KEYS}[[listener]]\nname = \"legacy\"\nkind = \"mllp\"\naddress = \"127.0.0.1:2576\"\n");
+        assert!(err(&base).contains("listener[0].allow"));
+        assert!(err(&format!("{base}allow = [\"0.0.0.0/0\"]\n")).contains("listener[0].allow"));
+        let s = load(&format!(
+            "{base}allow = [\"192.168.10.0/24\", \"10.0.0.7\"]\n"
+        ))
+        .unwrap();
+        assert!(s.listeners[0].allows("10.0.0.7".parse().unwrap()));
+        assert!(s.listeners[0].allows("::ffff:192.168.10.9".parse().unwrap()));
+        assert!(!s.listeners[0].allows("10.0.0.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn tls_without_client_ca_is_refused_unless_danger() {
+        let base = format!(
+            "{KEYS}[[listener]]\nname = \"i\"\nkind = \"mllps\"\naddress = \"127.0.0.1:2575\"\n\
+             [listener.tls]\ncert = \"s.pem\"\nkey = \"s.key\"\n"
+        );
+        assert!(err(&base).contains("listener[0].tls.client_ca"));
+        load(&format!("{base}danger_no_client_auth = true\n")).unwrap();
+    }
+
+    #[test]
+    fn development_keys_in_production_are_refused() {
+        let e = err("[keys]\nprovider = \"development\"\n");
+        assert!(e.contains("keys.danger_software_keys"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_and_bad_values_are_refused() {
+        let l = "[[listener]]\nname = \"a\"\nkind = \"mllp\"\naddress = \"127.0.0.1:1\"\nallow = [\"127.0.0.1\"]\n";
+        assert!(err(&format!("{KEYS}{l}{l}")).contains("listener[1].name"));
+        let e = err(&format!(
+            "{KEYS}[[listener]]\nname = \"a\"\nkind = \"mllp\"\naddress = \"nowhere\"\n"
+        ));
+        assert!(e.contains("address"), "{e}");
+        let e = err(&format!("{KEYS}{l}max_message_size = 0\n"));
+        assert!(e.contains("listener[0].max_message_size"), "{e}");
+    }
+}

@@ -1,0 +1,204 @@
+//! Listeners: bind (optionally to an interface with SO_BINDTODEVICE), admit connections
+//! (source allow-list, connection limit, TLS handshake and client allow-list) and hand each
+//! connection to [`conn::serve`].
+//!
+//! Invariants (promise 4 and 6):
+//! - A refused source, an over-limit connection or a failed handshake is closed, counted and
+//!   logged with the peer, never with content; it never affects other connections.
+//! - At shutdown, accept loops stop first; connections finish the message in hand (its commit and
+//!   ACK) and close.
+
+pub mod conn;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ListenerKind, ListenerSettings};
+use crate::store::StoreHandle;
+use crate::telemetry::{add, Counters};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("listener {name:?}: cannot bind {address}{}: {source}", .interface.as_ref().map(|i| format!(" on interface {i}")).unwrap_or_default())]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        interface: Option<String>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener {name:?}: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: tls::TlsError,
+    },
+}
+
+/// What every connection of a listener shares.
+pub struct Shared {
+    pub settings: ListenerSettings,
+    pub store: StoreHandle,
+    pub counters: Arc<Counters>,
+    pub acks: Arc<conn::AckIds>,
+}
+
+/// A bound listener, not yet accepting.
+pub struct Bound {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+    pub fn name(&self) -> &str {
+        &self.shared.settings.name
+    }
+}
+
+/// Binds a listener's socket and loads its TLS configuration.
+pub fn bind(shared: Shared) -> Result<Bound, ListenError> {
+    let s = &shared.settings;
+    let bind_err = |source| ListenError::Bind {
+        name: s.name.clone(),
+        address: s.address,
+        interface: s.interface.clone(),
+        source,
+    };
+    let tls = match (&s.kind, &s.tls) {
+        (ListenerKind::Mllps, Some(t)) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
+            |source| ListenError::Tls {
+                name: s.name.clone(),
+                source,
+            },
+        )?)),
+        _ => None,
+    };
+    let domain = socket2::Domain::for_address(s.address);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(bind_err)?;
+    sock.set_reuse_address(true).map_err(bind_err)?;
+    if let Some(ifname) = &s.interface {
+        sock.bind_device(Some(ifname.as_bytes()))
+            .map_err(bind_err)?;
+    }
+    sock.bind(&s.address.into()).map_err(bind_err)?;
+    sock.listen(1024).map_err(bind_err)?;
+    sock.set_nonblocking(true).map_err(bind_err)?;
+    let listener = TcpListener::from_std(sock.into()).map_err(bind_err)?;
+    Ok(Bound {
+        listener,
+        tls,
+        shared: Arc::new(shared),
+    })
+}
+
+/// Accepts connections until `shutdown` turns true. Every connection task holds a clone of
+/// `alive`; the engine waits for all of them to drop at shutdown.
+pub async fn accept_loop(
+    bound: Bound,
+    mut shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    let Bound {
+        listener,
+        tls,
+        shared,
+    } = bound;
+    let name = shared.settings.name.clone();
+    let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
+    tracing::info!(listener = %name, kind = shared.settings.kind.as_str(),
+        address = %shared.settings.address,
+        interface = shared.settings.interface.as_deref().unwrap_or("-"), "Listening.");
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = %name, error = %e, "Accept failed.");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let counters = &shared.counters;
+        if !shared.settings.allows(peer.ip()) {
+            add(&counters.connections_refused_source, 1);
+            tracing::warn!(listener = %name, peer = %peer, "Connection refused: source not in the allow-list.");
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            add(&counters.connections_over_limit, 1);
+            tracing::warn!(listener = %name, peer = %peer,
+                max_connections = shared.settings.max_connections, "Connection refused: listener at its connection limit.");
+            continue;
+        };
+        add(&counters.connections_accepted, 1);
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _alive = alive;
+            match tls {
+                None => conn::serve(stream, peer.to_string(), &shared, shutdown).await,
+                Some(acceptor) => {
+                    let hs =
+                        tokio::time::timeout(shared.settings.idle_timeout, acceptor.accept(stream))
+                            .await;
+                    let tls_stream = match hs {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            add(&shared.counters.tls_handshake_failures, 1);
+                            tracing::warn!(listener = %shared.settings.name, peer = %peer, error = %e, "TLS handshake failed.");
+                            return;
+                        }
+                        Err(_) => {
+                            add(&shared.counters.tls_handshake_failures, 1);
+                            tracing::warn!(listener = %shared.settings.name, peer = %peer, "TLS handshake timed out.");
+                            return;
+                        }
+                    };
+                    let ids = tls_stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(tls::identities)
+                        .unwrap_or_default();
+                    let allowed = shared
+                        .settings
+                        .tls
+                        .as_ref()
+                        .map(|t| tls::client_allowed(&t.allowed_clients, &ids))
+                        .unwrap_or(true);
+                    if !allowed {
+                        add(&shared.counters.tls_client_not_allowed, 1);
+                        tracing::warn!(listener = %shared.settings.name, peer = %peer, client = ?ids,
+                            "TLS client refused: identity not in allowed_clients.");
+                        return;
+                    }
+                    let who = match ids.first() {
+                        Some(id) => format!("{peer} ({id})"),
+                        None => peer.to_string(),
+                    };
+                    conn::serve(tls_stream, who, &shared, shutdown).await
+                }
+            }
+        });
+    }
+    tracing::info!(listener = %name, "Stopped accepting.");
+}

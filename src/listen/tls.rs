@@ -1,0 +1,130 @@
+//! TLS for `mllps` listeners: TLS 1.2 and 1.3 only (rustls has nothing older), client
+//! certificates verified against the listener's CA, and an optional allow-list of client
+//! identities checked after the handshake.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::config::TlsSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificates from {path}: {reason}")]
+    Certs { path: PathBuf, reason: String },
+    #[error("cannot read the private key from {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("{path} holds no certificate")]
+    NoCerts { path: PathBuf },
+    #[error("TLS configuration rejected: {0}")]
+    Config(String),
+}
+
+/// The crypto provider the whole engine uses (ring); installed once at start.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Certs {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCerts {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1). The error never includes key bytes.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.to_path_buf(),
+        reason: match e {
+            rustls::pki_types::pem::Error::NoItemsFound => "no private key found".into(),
+            rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+            _ => "not a PEM private key".into(),
+        },
+    })
+}
+
+/// Builds the server configuration of one listener.
+pub fn server_config(t: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &t.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| TlsError::Certs {
+                    path: ca.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(load_certs(&t.cert)?, load_key(&t.key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", t.cert.display())))?;
+    Ok(Arc::new(config))
+}
+
+/// The identities a client certificate presents: `CN=...` and its SANs as `DNS:`, `IP:`,
+/// `URI:`, `EMAIL:`.
+pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = x509
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(|cn| format!("CN={cn}"))
+        .collect();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => out.push(format!("DNS:{d}")),
+                GeneralName::URI(u) => out.push(format!("URI:{u}")),
+                GeneralName::RFC822Name(e) => out.push(format!("EMAIL:{e}")),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        out.push(format!("IP:{ip}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Whether a client presenting `ids` is allowed by `allowed` (empty allows all).
+pub fn client_allowed(allowed: &[String], ids: &[String]) -> bool {
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|a| ids.iter().any(|i| i.eq_ignore_ascii_case(a)))
+}

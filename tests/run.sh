@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every hl7edge test on a fresh Debian 12 machine as root: installs what is missing
+# (apt with --no-install-recommends, a Python venv with third-party HL7 peers), then
+# formatting, lints, unit and integration tests, unit-file checks and a fuzz smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+# --- system packages -------------------------------------------------------------------------
+need_pkgs=()
+command -v socat >/dev/null || need_pkgs+=(socat)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v python3 >/dev/null || need_pkgs+=(python3 python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  step "apt-get install ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# --- Python venv with the third-party peers ---------------------------------------------------
+VENV=$ROOT/tests/.venv
+if ! "$VENV/bin/python" -c 'import hl7, hl7apy' 2>/dev/null; then
+  step "python venv with python-hl7 and hl7apy"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'hl7==0.4.5' 'hl7apy==1.3.5'
+fi
+export HL7EDGE_TEST_VENV=$VENV
+
+# --- Rust checks and tests --------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+step "cargo test (unit and integration)"
+cargo test --quiet -- --test-threads=2 2>&1 | tee /tmp/hl7edge-test.log
+grep -q "test result: FAILED" /tmp/hl7edge-test.log && exit 1
+
+# --- fuzz smoke run ---------------------------------------------------------------------------
+step "fuzz smoke"
+tests/fuzz_smoke.sh
+echo
+echo "all tests passed"
