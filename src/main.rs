@@ -58,7 +58,7 @@ enum StoreCommand {
     },
 }
 
-fn load(config: &PathBuf) -> Result<Settings, ExitCode> {
+fn load(config: &std::path::Path) -> Result<Settings, ExitCode> {
     Settings::load(config).map_err(|e| {
         eprintln!("hl7edge: configuration error: {e}");
         ExitCode::from(EXIT_CONFIG)

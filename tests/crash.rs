@@ -1,6 +1,8 @@
 //! Promise 1 under kill -9: every message that got AA before the engine was killed is in the
 //! store after restart.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail by panicking.
+
 mod common;
 
 use std::collections::HashSet;

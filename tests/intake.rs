@@ -2,6 +2,8 @@
 //! negative cases: TLS 1.1, no client certificate, refused source, oversized, garbage, truncated
 //! and idle connections. Each test starts the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail by panicking.
+
 mod common;
 
 use std::io::Write;
@@ -109,23 +111,34 @@ fn openssl(inst: &Instance, extra: &[&str], with_cert: bool, payload: &[u8]) -> 
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        let _ = stdin.write_all(payload);
-        // Keep stdin open until the answer can arrive; openssl exits when the server closes.
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(3));
-            drop(stdin);
-        });
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(payload);
+    let _ = stdin.flush();
+    // Read until a whole ACK frame arrives or the server closes (then openssl exits); stdin
+    // stays open meanwhile so openssl does not hang up first.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut stdout, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+        if text.windows(4).any(|w| w == b"MSA|") && text.contains(&0x1c) {
+            break;
+        }
     }
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out.status.success(), text)
+    drop(stdin);
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    (
+        status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    )
 }
-
 #[test]
 fn openssl_s_client_with_certificate_gets_aa_and_tls11_or_no_certificate_is_refused() {
     let mut inst = Instance::new("", "");
@@ -243,7 +256,7 @@ fn garbage_truncated_and_unparseable_input_never_stalls_the_listener() {
         Some("AA")
     );
     // An MSH without MSH-9 gets AR with an ERR naming it.
-    let bad = "MSH|^~\\&|LAB|CLINIC|HL7EDGE|HOSP|20261203||||NOTYPE1|P|2.5.1\rPID|1||123\r";
+    let bad = "MSH|^~\\&|LAB|CLINIC|HL7EDGE|HOSP|20261203|||NOTYPE1|P|2.5.1\rPID|1||123\r";
     let ack = send_plain(inst.plain_addr(), bad).unwrap();
     assert_eq!(ack_code(&ack).as_deref(), Some("AR"), "{ack}");
     assert!(

@@ -2,6 +2,8 @@
 //! connections that arrive on another, even to the same wildcard address. Two veth pairs join
 //! the root namespace to a client namespace the test creates and deletes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail by panicking.
+
 mod common;
 
 use std::process::Command;
