@@ -7,12 +7,15 @@
 //! is shared.
 //!
 //! On-disk format (redb tables):
-//! - `messages`: `u64 id -> sealed body` (see `keys::Envelope`; the id is bound as associated
-//!   data). Bodies never reach redb in plaintext (promise 3).
-//! - `meta`: `u64 id -> JSON metadata` (listener, peer, MSH-3/4/9/10/12, size, time): no PHI.
-//! - `dedup`: `SHA-256(MSH-3, MSH-4, MSH-10) -> u64 id`, and `dedup_expiry`:
-//!   `(received ms, id) -> dedup key` to prune entries older than the window.
-//! - `seq`: `"next_id" -> u64`.
+//! - `messages`: `u64 id -> record`, record = `meta length u32 BE | JSON metadata | sealed body`.
+//!   The metadata (listener, peer, MSH-3/4/5/6/9/10/12, size, time) carries no PHI; the body is
+//!   sealed by `keys::Envelope` with the id bound as associated data, so bodies never reach redb
+//!   in plaintext (promise 3). The next id is the last key plus one.
+//! - `dedup`: `first 16 bytes of SHA-256(MSH-3, MSH-4, MSH-10) -> (id, received ms)`. Entries
+//!   older than the window are pruned by walking `messages` in id order from a cursor.
+//!
+//! Two tables only: each table a commit touches adds pages to its fsync, and the fsync is the
+//! cost that bounds a single connection.
 //!
 //! Invariants:
 //! - A submitter hears `Ok` only after the commit that holds its message returned.
@@ -33,10 +36,7 @@ use crate::config::StoreSettings;
 use crate::keys::Envelope;
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
-const META: TableDefinition<u64, &[u8]> = TableDefinition::new("meta");
-const DEDUP: TableDefinition<&[u8], u64> = TableDefinition::new("dedup");
-const DEDUP_EXPIRY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_expiry");
-const SEQ: TableDefinition<&str, u64> = TableDefinition::new("seq");
+const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
 
 /// How often the writer prunes expired duplicate-window entries, and how many at most per pass.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -164,11 +164,7 @@ impl Store {
         let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
         {
             tx.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
-            tx.open_table(META).map_err(|e| open_err(e.into()))?;
             tx.open_table(DEDUP).map_err(|e| open_err(e.into()))?;
-            tx.open_table(DEDUP_EXPIRY)
-                .map_err(|e| open_err(e.into()))?;
-            tx.open_table(SEQ).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Store {
@@ -195,6 +191,7 @@ impl Store {
             max_batch: settings.max_batch,
             dedup_window_ms: settings.dedup_window.as_millis() as u64,
             last_prune: std::time::Instant::now(),
+            prune_cursor: 0,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -206,11 +203,11 @@ impl Store {
     /// Metadata of every stored message, in id order.
     pub fn list(&self) -> Result<Vec<(u64, Meta)>, StoreError> {
         let tx = self.db.begin_read().map_err(read_err)?;
-        let table = tx.open_table(META).map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(read_err)? {
             let (k, v) = row.map_err(read_err)?;
-            if let Ok(meta) = serde_json::from_slice::<Meta>(v.value()) {
+            if let Some((meta, _)) = split_record(v.value()) {
                 out.push((k.value(), meta));
             }
         }
@@ -221,9 +218,28 @@ impl Store {
     pub fn sealed_body(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(read_err)?;
         let table = tx.open_table(MESSAGES).map_err(read_err)?;
-        let body = table.get(id).map_err(read_err)?.map(|v| v.value().to_vec());
-        Ok(body)
+        let row = table.get(id).map_err(read_err)?;
+        Ok(row.and_then(|v| split_record(v.value()).map(|(_, body)| body.to_vec())))
     }
+}
+
+/// Builds a `messages` record: metadata length, metadata, sealed body.
+fn make_record(meta: &Meta, sealed: &[u8]) -> Vec<u8> {
+    // Serializing plain strings and integers to JSON cannot fail.
+    let meta_json = serde_json::to_vec(meta).unwrap_or_default();
+    let mut rec = Vec::with_capacity(4 + meta_json.len() + sealed.len());
+    rec.extend_from_slice(&(meta_json.len() as u32).to_be_bytes());
+    rec.extend_from_slice(&meta_json);
+    rec.extend_from_slice(sealed);
+    rec
+}
+
+/// Splits a `messages` record into metadata and sealed body; `None` when malformed.
+fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
+    let len = u32::from_be_bytes(rec.get(..4)?.try_into().ok()?) as usize;
+    let end = 4usize.checked_add(len)?;
+    let meta = serde_json::from_slice(rec.get(4..end)?).ok()?;
+    Some((meta, rec.get(end..)?))
 }
 
 pub fn now_ms() -> u64 {
@@ -233,7 +249,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn dedup_key(meta: &Meta) -> [u8; 32] {
+/// 16 bytes of SHA-256: collisions are out of reach, and short keys keep the table's pages full.
+fn dedup_key(meta: &Meta) -> [u8; 16] {
     let mut h = Sha256::new();
     for part in [
         &meta.sending_application,
@@ -243,7 +260,10 @@ fn dedup_key(meta: &Meta) -> [u8; 32] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    h.finalize().into()
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
 }
 
 struct Writer {
@@ -252,6 +272,8 @@ struct Writer {
     max_batch: usize,
     dedup_window_ms: u64,
     last_prune: std::time::Instant,
+    /// Messages below this id have had their duplicate-window entry pruned.
+    prune_cursor: u64,
 }
 
 impl Writer {
@@ -289,20 +311,17 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         {
             let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
-            let mut meta_t = tx.open_table(META).map_err(write_err)?;
             let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
-            let mut expiry = tx.open_table(DEDUP_EXPIRY).map_err(write_err)?;
-            let mut seq = tx.open_table(SEQ).map_err(write_err)?;
-            let mut next = seq
-                .get("next_id")
+            let mut next = messages
+                .last()
                 .map_err(write_err)?
-                .map(|v| v.value())
+                .map(|(k, _)| k.value() + 1)
                 .unwrap_or(1);
             for job in batch {
                 let meta = &job.intake.meta;
                 let dkey = dedup_key(meta);
                 if let Some(existing) = dedup.get(dkey.as_slice()).map_err(write_err)? {
-                    results.push(Stored::Duplicate(existing.value()));
+                    results.push(Stored::Duplicate(existing.value().0));
                     continue;
                 }
                 let id = next;
@@ -311,36 +330,57 @@ impl Writer {
                     .envelope
                     .seal(id, &job.intake.raw)
                     .map_err(|source| StoreError::Seal { id, source })?;
-                messages.insert(id, sealed.as_slice()).map_err(write_err)?;
-                let meta_json = serde_json::to_vec(meta).unwrap_or_default();
-                meta_t.insert(id, meta_json.as_slice()).map_err(write_err)?;
-                dedup.insert(dkey.as_slice(), id).map_err(write_err)?;
-                expiry
-                    .insert((meta.received_ms, id), dkey.as_slice())
+                messages
+                    .insert(id, make_record(meta, &sealed).as_slice())
+                    .map_err(write_err)?;
+                dedup
+                    .insert(dkey.as_slice(), (id, meta.received_ms))
                     .map_err(write_err)?;
                 results.push(Stored::New(id));
             }
-            seq.insert("next_id", next).map_err(write_err)?;
-            if self.last_prune.elapsed() >= PRUNE_EVERY {
+            if self.last_prune.elapsed()
+                >= PRUNE_EVERY.min(Duration::from_millis(self.dedup_window_ms))
+            {
                 self.last_prune = std::time::Instant::now();
-                let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
-                let mut expired = Vec::new();
-                for row in expiry
-                    .range(..(cutoff, 0))
-                    .map_err(write_err)?
-                    .take(PRUNE_MAX)
-                {
-                    let (k, v) = row.map_err(write_err)?;
-                    expired.push((k.value(), v.value().to_vec()));
-                }
-                for (k, dkey) in expired {
-                    expiry.remove(k).map_err(write_err)?;
-                    dedup.remove(dkey.as_slice()).map_err(write_err)?;
-                }
+                self.prune_dedup(&messages, &mut dedup)?;
             }
         }
         tx.commit().map_err(write_err)?;
         Ok(results)
+    }
+
+    /// Removes duplicate-window entries of messages received before the window, walking
+    /// `messages` in id order from where the last pass stopped (ids grow with time).
+    fn prune_dedup(
+        &mut self,
+        messages: &redb::Table<u64, &[u8]>,
+        dedup: &mut redb::Table<&[u8], (u64, u64)>,
+    ) -> Result<(), StoreError> {
+        let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
+        let mut expired = Vec::new();
+        for row in messages
+            .range(self.prune_cursor..)
+            .map_err(write_err)?
+            .take(PRUNE_MAX)
+        {
+            let (k, v) = row.map_err(write_err)?;
+            match split_record(v.value()) {
+                Some((meta, _)) if meta.received_ms >= cutoff => break,
+                Some((meta, _)) => expired.push((k.value(), dedup_key(&meta))),
+                None => expired.push((k.value(), [0u8; 16])),
+            }
+        }
+        for (id, dkey) in expired {
+            self.prune_cursor = id + 1;
+            let owned = dedup
+                .get(dkey.as_slice())
+                .map_err(write_err)?
+                .is_some_and(|v| v.value().0 == id);
+            if owned {
+                dedup.remove(dkey.as_slice()).map_err(write_err)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -407,5 +447,31 @@ mod tests {
         drop(store);
         let file = std::fs::read(&settings.path).unwrap();
         assert!(!file.windows(6).any(|w| w == b"CANARY"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_window_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StoreSettings {
+            path: dir.path().join("s.redb"),
+            dedup_window: Duration::from_millis(20),
+            max_batch: 16,
+        };
+        let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
+        let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
+        let store = Store::open(&settings).unwrap();
+        let (h, _join) = store.start_writer(env, &settings).unwrap();
+        let submit = |ctrl: &str| {
+            h.submit(Intake {
+                meta: meta(ctrl),
+                raw: b"MSH|x".to_vec(),
+            })
+        };
+        assert_eq!(submit("A").await.unwrap(), Stored::New(1));
+        assert_eq!(submit("A").await.unwrap(), Stored::Duplicate(1));
+        // The window is what is under test: let it pass, then any commit prunes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(submit("B").await.unwrap(), Stored::New(2));
+        assert_eq!(submit("A").await.unwrap(), Stored::New(3));
     }
 }
