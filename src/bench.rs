@@ -103,7 +103,8 @@ async fn connection(
     macro_rules! drive {
         ($client:expr) => {{
             let mut client = $client;
-            let mut next = Instant::now();
+            // Stagger the connections over one period so the offered load is even, not bursts.
+            let mut next = Instant::now() + pace.unwrap_or_default().mul_f64(conn as f64 / conns as f64);
             for i in 0..count {
                 if let Some(p) = pace {
                     tokio::time::sleep_until(next.into()).await;
@@ -143,7 +144,7 @@ async fn scenario(
     for c in 0..conns {
         let target = Arc::clone(&target);
         tasks.push(tokio::spawn(async move {
-            connection(&target, run, c, per, pace).await
+            connection(&target, run, c, conns, per, pace).await
         }));
     }
     let mut lat_us = Vec::with_capacity(messages);

@@ -41,6 +41,17 @@ step "cargo test (unit and integration)"
 cargo test --quiet -- --test-threads=2 2>&1 | tee /tmp/hl7edge-test.log
 grep -q "test result: FAILED" /tmp/hl7edge-test.log && exit 1
 
+# --- systemd unit --------------------------------------------------------------------------
+step "systemd-analyze verify systemd/hl7edge.service"
+if command -v systemd-analyze >/dev/null; then
+  unit_dir=$(mktemp -d)
+  sed "s|/usr/bin/hl7edge|$ROOT/target/debug/hl7edge|g" systemd/hl7edge.service > "$unit_dir/hl7edge.service"
+  systemd-analyze verify "$unit_dir/hl7edge.service"
+  rm -rf "$unit_dir"
+else
+  echo "systemd-analyze missing: install systemd" >&2; exit 1
+fi
+
 # --- fuzz smoke run ---------------------------------------------------------------------------
 step "fuzz smoke"
 tests/fuzz_smoke.sh
