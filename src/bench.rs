@@ -90,6 +90,7 @@ async fn connection(
     target: &Target,
     run: usize,
     conn: usize,
+    conns: usize,
     count: usize,
     pace: Option<Duration>,
 ) -> anyhow::Result<(Vec<u64>, usize)> {
@@ -104,7 +105,8 @@ async fn connection(
         ($client:expr) => {{
             let mut client = $client;
             // Stagger the connections over one period so the offered load is even, not bursts.
-            let mut next = Instant::now() + pace.unwrap_or_default().mul_f64(conn as f64 / conns as f64);
+            let mut next =
+                Instant::now() + pace.unwrap_or_default().mul_f64(conn as f64 / conns as f64);
             for i in 0..count {
                 if let Some(p) = pace {
                     tokio::time::sleep_until(next.into()).await;

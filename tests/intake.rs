@@ -343,3 +343,35 @@ fn bad_config_exits_64_naming_file_and_key() {
     assert_eq!(out.status.code(), Some(64));
     assert!(err.contains("bad.toml") && err.contains("bogus"), "{err}");
 }
+
+#[test]
+fn connections_over_the_listener_limit_are_closed_without_affecting_others() {
+    let mut inst = Instance::new("", "max_connections = 1");
+    inst.start();
+    let mut first = TcpStream::connect(inst.plain_addr()).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    first
+        .write_all(&frame(adt("LIMIT1", "X").as_bytes()))
+        .unwrap();
+    assert_eq!(
+        ack_code(&String::from_utf8_lossy(&read_frame(&mut first).unwrap())).as_deref(),
+        Some("AA")
+    );
+    // The first connection holds the only slot: the second is closed unanswered.
+    assert_eq!(send_plain(inst.plain_addr(), &adt("LIMIT2", "X")), None);
+    // The first one still works.
+    first
+        .write_all(&frame(adt("LIMIT3", "X").as_bytes()))
+        .unwrap();
+    assert_eq!(
+        ack_code(&String::from_utf8_lossy(&read_frame(&mut first).unwrap())).as_deref(),
+        Some("AA")
+    );
+    drop(first);
+    inst.stop();
+    assert!(inst.log().contains("connection limit"));
+    let ids = inst.stored_control_ids();
+    assert!(ids.contains(&"LIMIT3".to_string()) && !ids.contains(&"LIMIT2".to_string()));
+}

@@ -186,7 +186,8 @@ impl Store {
     ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
         let (tx, rx) = mpsc::channel(settings.max_batch.saturating_mul(4).max(64));
         let writer = Writer {
-            db: Arc::clone(&self.db),
+            db: Some(Arc::clone(&self.db)),
+            path: self.path.clone(),
             envelope,
             max_batch: settings.max_batch,
             dedup_window_ms: settings.dedup_window.as_millis() as u64,
@@ -267,7 +268,11 @@ fn dedup_key(meta: &Meta) -> [u8; 16] {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    /// `None` after an I/O error until the file is reopened: redb refuses every transaction
+    /// after one (`PreviousIo`), so the writer closes and reopens it to recover once the disk
+    /// has room again.
+    db: Option<Arc<Database>>,
+    path: PathBuf,
     envelope: Arc<Envelope>,
     max_batch: usize,
     dedup_window_ms: u64,
@@ -287,7 +292,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            match self.commit(&batch) {
+            let result = match self.database() {
+                Ok(db) => self.commit(&db, &batch),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(results) => {
                     for (job, stored) in batch.drain(..).zip(results) {
                         let _ = job.reply.send(Ok(stored));
@@ -295,6 +304,9 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, messages = batch.len(), "Store commit failed; senders get AE.");
+                    if matches!(e, StoreError::Write(_)) {
+                        self.close();
+                    }
                     let e = Arc::new(e);
                     for job in batch.drain(..) {
                         let _ = job.reply.send(Err(Arc::clone(&e)));
@@ -304,8 +316,34 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: &[Job]) -> Result<Vec<Stored>, StoreError> {
-        let mut tx = self.db.begin_write().map_err(write_err)?;
+    /// The open database, reopening it after an I/O error.
+    fn database(&mut self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = &self.db {
+            return Ok(Arc::clone(db));
+        }
+        let db = Database::create(&self.path).map_err(|e| StoreError::Open {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        })?;
+        tracing::warn!(path = %self.path.display(), "Store reopened after an I/O error.");
+        let db = Arc::new(db);
+        self.db = Some(Arc::clone(&db));
+        Ok(db)
+    }
+
+    /// Closes the database after a failed commit so the next batch reopens it. The file can only
+    /// be reopened once no other handle holds it.
+    fn close(&mut self) {
+        if let Some(db) = self.db.take() {
+            if Arc::strong_count(&db) > 1 {
+                tracing::error!("Store cannot be reopened while other handles hold it.");
+                self.db = Some(db);
+            }
+        }
+    }
+
+    fn commit(&mut self, db: &Database, batch: &[Job]) -> Result<Vec<Stored>, StoreError> {
+        let mut tx = db.begin_write().map_err(write_err)?;
         tx.set_durability(Durability::Immediate)
             .map_err(write_err)?;
         let mut results = Vec::with_capacity(batch.len());
