@@ -48,9 +48,6 @@ impl Engine {
         let store = Store::open(&settings.store)?;
         tracing::info!(path = %store.path().display(), "Store open.");
         let (handle, writer) = store.start_writer(envelope, &settings.store)?;
-        // The writer holds the only handle from here on, so it can reopen the file after an
-        // I/O error.
-        drop(store);
         let counters = Arc::new(Counters::default());
         let acks = Arc::new(AckIds::default());
         let mut bound = Vec::new();

@@ -1,31 +1,40 @@
-//! The durable store: redb tables and the group-commit writer.
+//! The durable store: a write-ahead log in front of redb, fed by a group-commit writer.
 //!
-//! Every accepted message goes through one writer thread. The writer takes every message waiting
-//! at that moment (up to `max_batch`), writes them in one redb write transaction with immediate
-//! durability, commits (one fsync for all of them), and only then answers each submitter, which
-//! then sends the ACK (promise 1). Throughput grows with concurrent connections because the fsync
-//! is shared.
+//! Intake path (promise 1): every accepted message goes to the writer thread. It takes every
+//! message waiting at that moment (up to `max_batch`), checks duplicates, seals each body, and
+//! appends the whole batch to the write-ahead log ([`wal`]) with one write and one `fdatasync`.
+//! Only then does it answer the submitters, which send the ACKs. One small sequential append per
+//! batch costs about one raw fsync, where a redb commit with immediate durability writes several
+//! scattered pages; that is why the log exists.
+//!
+//! The applier thread moves logged records into redb: commits without fsync as records arrive,
+//! and one with immediate durability every `DURABLE_EVERY`. Log segments are deleted only up to
+//! the last durable redb commit. [`Store::open`] replays the log into redb before anything else,
+//! so after a crash every acknowledged message is in redb.
 //!
 //! On-disk format (redb tables):
 //! - `messages`: `u64 id -> record`, record = `meta length u32 BE | JSON metadata | sealed body`.
 //!   The metadata (listener, peer, MSH-3/4/5/6/9/10/12, size, time) carries no PHI; the body is
 //!   sealed by `keys::Envelope` with the id bound as associated data, so bodies never reach redb
-//!   in plaintext (promise 3). The next id is the last key plus one.
+//!   or the log in plaintext (promise 3).
 //! - `dedup`: `first 16 bytes of SHA-256(MSH-3, MSH-4, MSH-10) -> (id, received ms)`. Entries
 //!   older than the window are pruned by walking `messages` in id order from a cursor.
 //!
-//! Two tables only: each table a commit touches adds pages to its fsync, and the fsync is the
-//! cost that bounds a single connection.
-//!
 //! Invariants:
-//! - A submitter hears `Ok` only after the commit that holds its message returned.
-//! - A failed commit answers every message of the batch with an error (the sender gets AE), and
+//! - A submitter hears `Ok` only after the log append holding its message was fsync'd.
+//! - A failed append answers every message of the batch with an error (AE) and is cut back, so
 //!   none of them is counted as stored.
-//! - Ids increase in commit order.
+//! - Ids increase in log order; redb holds a prefix of the log after every durable commit.
+//! - A duplicate is found in the batch, in the logged-but-not-applied set, or in redb, checked in
+//!   that order (an entry leaves the pending set only after the applier committed it).
 
+mod wal;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -34,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StoreSettings;
 use crate::keys::Envelope;
+use wal::{Wal, WalRecord};
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
@@ -41,6 +51,9 @@ const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
 /// How often the writer prunes expired duplicate-window entries, and how many at most per pass.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
 const PRUNE_MAX: usize = 2000;
+
+/// How often the applier makes its redb commits durable (and so lets the log shrink).
+const DURABLE_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +79,14 @@ pub enum StoreError {
         #[source]
         source: crate::keys::EnvelopeError,
     },
+    #[error("write-ahead log {path}: {source}")]
+    Wal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store is being reopened after an I/O error")]
+    Reopening,
     #[error("the store writer has stopped")]
     WriterGone,
 }
@@ -142,63 +163,132 @@ impl StoreHandle {
 
 /// The open store.
 pub struct Store {
-    db: Arc<Database>,
+    db: Database,
     path: PathBuf,
+    wal_dir: PathBuf,
 }
 
 impl Store {
-    /// Opens (or creates) the store and its tables.
+    /// Opens (or creates) the store, then replays the write-ahead log into it: after a crash,
+    /// every acknowledged message is in redb once this returns.
     pub fn open(settings: &StoreSettings) -> Result<Store, StoreError> {
         let path = settings.path.clone();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
         let open_err = |e: redb::Error| StoreError::Open {
             path: path.clone(),
             source: Box::new(e),
         };
         let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
-        let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
+        let wal_dir = dir.join("wal");
+        let store = Store { db, path, wal_dir };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Applies logged records that redb's last durable commit does not hold, then clears the log.
+    fn recover(&self) -> Result<(), StoreError> {
+        let wal_err = |source| StoreError::Wal {
+            path: self.wal_dir.clone(),
+            source,
+        };
+        let (records, clean) = wal::replay(&self.wal_dir).map_err(wal_err)?;
+        let mut tx = self.db.begin_write().map_err(write_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(write_err)?;
+        let mut applied = 0usize;
         {
-            tx.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
-            tx.open_table(DEDUP).map_err(|e| open_err(e.into()))?;
+            let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
+            let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
+            let last = messages
+                .last()
+                .map_err(write_err)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0);
+            for r in records.iter().filter(|r| r.id > last) {
+                messages
+                    .insert(r.id, r.record.as_slice())
+                    .map_err(write_err)?;
+                dedup
+                    .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
+                    .map_err(write_err)?;
+                applied += 1;
+            }
         }
-        tx.commit().map_err(|e| open_err(e.into()))?;
-        Ok(Store {
-            db: Arc::new(db),
-            path,
-        })
+        tx.commit().map_err(write_err)?;
+        if applied > 0 {
+            tracing::info!(
+                messages = applied,
+                "Recovered acknowledged messages from the write-ahead log."
+            );
+        }
+        if !clean {
+            tracing::warn!(path = %self.wal_dir.display(), "The write-ahead log ended in a torn frame (a crash during a write); that frame was never acknowledged.");
+        }
+        wal::clear(&self.wal_dir).map_err(wal_err)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Starts the group-commit writer thread. It stops when every handle is dropped and the
-    /// jobs already submitted are committed.
+    /// Starts the intake writer and the applier. They stop when every handle is dropped and
+    /// what was submitted is durable in redb.
     pub fn start_writer(
-        &self,
+        self,
         envelope: Arc<Envelope>,
         settings: &StoreSettings,
     ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+        let next_id = self.last_id()? + 1;
+        let wal = Wal::create(&self.wal_dir, next_id).map_err(|source| StoreError::Wal {
+            path: self.wal_dir.clone(),
+            source,
+        })?;
+        let db: DbSlot = Arc::new(RwLock::new(Some(Arc::new(self.db))));
+        let pending = Arc::new(Mutex::new(HashMap::new()));
+        let durable = Arc::new(AtomicU64::new(next_id - 1));
+        let (apply_tx, apply_rx) = std::sync::mpsc::channel();
+        let applier = Applier {
+            db: Arc::clone(&db),
+            path: self.path.clone(),
+            pending: Arc::clone(&pending),
+            durable: Arc::clone(&durable),
+            dedup_window_ms: settings.dedup_window.as_millis() as u64,
+            last_prune: Instant::now(),
+            prune_cursor: 0,
+        };
         let (tx, rx) = mpsc::channel(settings.max_batch.saturating_mul(4).max(64));
         let writer = Writer {
-            db: Some(Arc::clone(&self.db)),
-            path: self.path.clone(),
+            db,
+            wal,
             envelope,
             max_batch: settings.max_batch,
             dedup_window_ms: settings.dedup_window.as_millis() as u64,
-            last_prune: std::time::Instant::now(),
-            prune_cursor: 0,
+            next_id,
+            pending,
+            durable,
+            apply_tx,
         };
+        let spawn_err = |e| StoreError::Write(Box::new(redb::Error::Io(e)));
+        let applier = std::thread::Builder::new()
+            .name("store-applier".into())
+            .spawn(move || applier.run(apply_rx))
+            .map_err(spawn_err)?;
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Write(Box::new(redb::Error::Io(e))))?;
+            .spawn(move || writer.run(rx, applier))
+            .map_err(spawn_err)?;
         Ok((StoreHandle { tx }, handle))
+    }
+
+    fn last_id(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        let last = table.last().map_err(read_err)?.map(|(k, _)| k.value());
+        Ok(last.unwrap_or(0))
     }
 
     /// Metadata of every stored message, in id order.
@@ -267,22 +357,36 @@ fn dedup_key(meta: &Meta) -> [u8; 16] {
     key
 }
 
+/// The database, shared by the writer (reads) and the applier (writes). `None` while the applier
+/// reopens it after an I/O error: redb refuses every transaction after one (`PreviousIo`).
+type DbSlot = Arc<RwLock<Option<Arc<Database>>>>;
+
+fn db_of(slot: &DbSlot) -> Result<Arc<Database>, StoreError> {
+    slot.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or(StoreError::Reopening)
+}
+
+/// Dedup keys of messages in the log but not yet applied to redb.
+type Pending = Arc<Mutex<HashMap<[u8; 16], (u64, u64)>>>;
+
+/// Stage 1: makes batches durable in the write-ahead log, then answers their senders.
 struct Writer {
-    /// `None` after an I/O error until the file is reopened: redb refuses every transaction
-    /// after one (`PreviousIo`), so the writer closes and reopens it to recover once the disk
-    /// has room again.
-    db: Option<Arc<Database>>,
-    path: PathBuf,
+    /// Read-only use: duplicate checks.
+    db: DbSlot,
+    wal: Wal,
     envelope: Arc<Envelope>,
     max_batch: usize,
     dedup_window_ms: u64,
-    last_prune: std::time::Instant,
-    /// Messages below this id have had their duplicate-window entry pruned.
-    prune_cursor: u64,
+    next_id: u64,
+    pending: Pending,
+    durable: Arc<AtomicU64>,
+    apply_tx: std::sync::mpsc::Sender<Vec<WalRecord>>,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>, applier: std::thread::JoinHandle<()>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -292,99 +396,242 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = match self.database() {
-                Ok(db) => self.commit(&db, &batch),
-                Err(e) => Err(e),
-            };
-            match result {
+            match self.log(&batch) {
                 Ok(results) => {
                     for (job, stored) in batch.drain(..).zip(results) {
                         let _ = job.reply.send(Ok(stored));
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, messages = batch.len(), "Store commit failed; senders get AE.");
-                    if matches!(e, StoreError::Write(_)) {
-                        self.close();
-                    }
+                    tracing::error!(error = %e, messages = batch.len(), "Store write failed; senders get AE.");
                     let e = Arc::new(e);
                     for job in batch.drain(..) {
                         let _ = job.reply.send(Err(Arc::clone(&e)));
                     }
                 }
             }
+            self.wal.release(self.durable.load(Ordering::Acquire));
         }
+        // Every handle is gone: let the applier make everything durable in redb, then drop the log.
+        drop(self.apply_tx);
+        let _ = applier.join();
+        self.wal.close(self.durable.load(Ordering::Acquire));
     }
 
-    /// The open database, reopening it after an I/O error.
-    fn database(&mut self) -> Result<Arc<Database>, StoreError> {
-        if let Some(db) = &self.db {
-            return Ok(Arc::clone(db));
+    /// Checks duplicates, seals, appends the batch to the log with one fsync, hands it to the
+    /// applier. On error nothing of the batch is stored or counted.
+    fn log(&mut self, batch: &[Job]) -> Result<Vec<Stored>, StoreError> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
+        // An entry older than the window is no duplicate, whether or not it was pruned yet.
+        let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
+        // Pending first, then redb: an entry leaves `pending` only after the applier committed
+        // it, so a read transaction begun after the pending check sees it.
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let dedup = tx.open_table(DEDUP).map_err(read_err)?;
+        let mut next = self.next_id;
+        for job in batch {
+            let meta = &job.intake.meta;
+            let dkey = dedup_key(meta);
+            let existing = match batch_keys.get(&dkey).or_else(|| pending.get(&dkey)) {
+                Some(entry) => Some(*entry),
+                None => dedup
+                    .get(dkey.as_slice())
+                    .map_err(read_err)?
+                    .map(|v| v.value()),
+            };
+            if let Some((id, _)) = existing.filter(|(_, ms)| *ms >= cutoff) {
+                results.push(Stored::Duplicate(id));
+                continue;
+            }
+            let id = next;
+            next += 1;
+            let sealed = self
+                .envelope
+                .seal(id, &job.intake.raw)
+                .map_err(|source| StoreError::Seal { id, source })?;
+            batch_keys.insert(dkey, (id, meta.received_ms));
+            records.push(WalRecord {
+                id,
+                received_ms: meta.received_ms,
+                dedup_key: dkey,
+                record: make_record(meta, &sealed),
+            });
+            results.push(Stored::New(id));
         }
-        let db = Database::create(&self.path).map_err(|e| StoreError::Open {
-            path: self.path.clone(),
-            source: Box::new(e.into()),
-        })?;
-        tracing::warn!(path = %self.path.display(), "Store reopened after an I/O error.");
-        let db = Arc::new(db);
-        self.db = Some(Arc::clone(&db));
-        Ok(db)
+        drop(dedup);
+        drop(tx);
+        drop(db);
+        self.wal
+            .append(&records)
+            .map_err(|source| StoreError::Wal {
+                path: self.wal.dir().to_path_buf(),
+                source,
+            })?;
+        self.next_id = next;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(batch_keys);
+        if !records.is_empty() && self.apply_tx.send(records).is_err() {
+            tracing::error!(
+                "The store applier stopped; logged messages are applied at the next start."
+            );
+        }
+        Ok(results)
     }
+}
 
-    /// Closes the database after a failed commit so the next batch reopens it. The file can only
-    /// be reopened once no other handle holds it.
-    fn close(&mut self) {
-        if let Some(db) = self.db.take() {
-            if Arc::strong_count(&db) > 1 {
-                tracing::error!("Store cannot be reopened while other handles hold it.");
-                self.db = Some(db);
+/// Stage 2: moves logged records into redb. Commits without fsync, and with one every
+/// `DURABLE_EVERY`; the log segments are released only up to the last durable commit.
+struct Applier {
+    db: DbSlot,
+    path: PathBuf,
+    pending: Pending,
+    durable: Arc<AtomicU64>,
+    dedup_window_ms: u64,
+    last_prune: Instant,
+    /// Messages below this id have had their duplicate-window entry pruned.
+    prune_cursor: u64,
+}
+
+impl Applier {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Vec<WalRecord>>) {
+        let mut last_durable = Instant::now();
+        let mut applied_max = self.durable.load(Ordering::Acquire);
+        let mut dirty = false;
+        let mut backlog: Vec<WalRecord> = Vec::new();
+        let mut failures = 0u64;
+        let mut stopping = false;
+        loop {
+            let wait = if dirty {
+                DURABLE_EVERY.saturating_sub(last_durable.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(records) => backlog.extend(records),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    stopping = true;
+                    if backlog.is_empty() {
+                        if dirty && self.commit(&[], true).is_ok() {
+                            self.durable.store(applied_max, Ordering::Release);
+                        }
+                        return;
+                    }
+                }
+            }
+            while let Ok(more) = rx.try_recv() {
+                backlog.extend(more);
+            }
+            let durable = stopping || last_durable.elapsed() >= DURABLE_EVERY;
+            match self.commit(&backlog, durable) {
+                Ok(()) => {
+                    failures = 0;
+                    if let Some(max) = backlog.iter().map(|r| r.id).max() {
+                        applied_max = applied_max.max(max);
+                    }
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    for r in backlog.drain(..) {
+                        if pending.get(&r.dedup_key).is_some_and(|(id, _)| *id == r.id) {
+                            pending.remove(&r.dedup_key);
+                        }
+                    }
+                    drop(pending);
+                    if durable {
+                        self.durable.store(applied_max, Ordering::Release);
+                        last_durable = Instant::now();
+                        dirty = false;
+                    } else {
+                        dirty = true;
+                    }
+                }
+                Err(e) => {
+                    // The records stay in the log and in the backlog; reopen and try again.
+                    tracing::error!(error = %e, messages = backlog.len(), path = %self.path.display(),
+                        "Applying logged messages to the store failed; retrying.");
+                    failures += 1;
+                    if stopping && failures >= 3 {
+                        tracing::error!(messages = backlog.len(), "Stopping with logged messages not yet in the store; they are applied at the next start.");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200 * failures.min(25)));
+                    self.reopen();
+                }
             }
         }
     }
 
-    fn commit(&mut self, db: &Database, batch: &[Job]) -> Result<Vec<Stored>, StoreError> {
+    /// Closes and reopens the database after a failed commit. Returns once reopened or failed.
+    fn reopen(&mut self) {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut db) = slot.take() {
+            // Readers hold a clone only for the span of one read transaction.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        db = still_shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *slot = Some(still_shared);
+                        return;
+                    }
+                }
+            }
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "Store reopened after an I/O error.");
+                *slot = Some(Arc::new(db));
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "Store cannot be reopened.");
+            }
+        }
+    }
+
+    fn commit(&mut self, records: &[WalRecord], durable: bool) -> Result<(), StoreError> {
+        let db = db_of(&self.db)?;
         let mut tx = db.begin_write().map_err(write_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(write_err)?;
-        let mut results = Vec::with_capacity(batch.len());
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(write_err)?;
         {
             let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
             let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
-            let mut next = messages
-                .last()
-                .map_err(write_err)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
-            for job in batch {
-                let meta = &job.intake.meta;
-                let dkey = dedup_key(meta);
-                if let Some(existing) = dedup.get(dkey.as_slice()).map_err(write_err)? {
-                    results.push(Stored::Duplicate(existing.value().0));
-                    continue;
-                }
-                let id = next;
-                next += 1;
-                let sealed = self
-                    .envelope
-                    .seal(id, &job.intake.raw)
-                    .map_err(|source| StoreError::Seal { id, source })?;
+            for r in records {
                 messages
-                    .insert(id, make_record(meta, &sealed).as_slice())
+                    .insert(r.id, r.record.as_slice())
                     .map_err(write_err)?;
                 dedup
-                    .insert(dkey.as_slice(), (id, meta.received_ms))
+                    .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
                     .map_err(write_err)?;
-                results.push(Stored::New(id));
             }
             if self.last_prune.elapsed()
                 >= PRUNE_EVERY.min(Duration::from_millis(self.dedup_window_ms))
             {
-                self.last_prune = std::time::Instant::now();
+                self.last_prune = Instant::now();
                 self.prune_dedup(&messages, &mut dedup)?;
             }
         }
-        tx.commit().map_err(write_err)?;
-        Ok(results)
+        tx.commit().map_err(write_err)
     }
 
     /// Removes duplicate-window entries of messages received before the window, walking
@@ -477,6 +724,7 @@ mod tests {
         assert_eq!(new, 50);
         drop(h);
         join.join().unwrap();
+        let store = Store::open(&settings).unwrap();
         let list = store.list().unwrap();
         assert_eq!(list.len(), 50);
         let (id, _) = list[0];
