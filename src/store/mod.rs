@@ -54,6 +54,8 @@ const PRUNE_MAX: usize = 2000;
 
 /// How often the applier makes its redb commits durable (and so lets the log shrink).
 const DURABLE_EVERY: Duration = Duration::from_millis(200);
+/// Least time between two applier commits.
+const APPLY_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -510,6 +512,7 @@ impl Applier {
         let mut backlog: Vec<WalRecord> = Vec::new();
         let mut failures = 0u64;
         let mut stopping = false;
+        let mut last_apply = Instant::now();
         loop {
             let wait = if dirty {
                 DURABLE_EVERY.saturating_sub(last_durable.elapsed())
@@ -529,9 +532,15 @@ impl Applier {
                     }
                 }
             }
+            // Fewer, larger redb commits cost less CPU than one per logged batch; the log already
+            // made these records durable, so waiting here delays nothing a sender sees.
+            if !stopping {
+                std::thread::sleep(APPLY_EVERY.saturating_sub(last_apply.elapsed()));
+            }
             while let Ok(more) = rx.try_recv() {
                 backlog.extend(more);
             }
+            last_apply = Instant::now();
             let durable = stopping || last_durable.elapsed() >= DURABLE_EVERY;
             match self.commit(&backlog, durable) {
                 Ok(()) => {
