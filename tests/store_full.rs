@@ -85,7 +85,11 @@ fn full_disk_gets_ae_never_aa_and_recovers() {
     assert_eq!(inst.stop(), Some(0));
     let stored = inst.stored_control_ids();
     for id in &acked {
-        assert!(stored.contains(id), "{id} got AA but is not stored");
+        assert!(
+            stored.contains(id),
+            "{id} got AA but is not stored\n{}",
+            inst.log()
+        );
     }
     assert!(stored.contains(&"AFTERFULL".to_string()));
 }

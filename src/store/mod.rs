@@ -185,6 +185,12 @@ impl Store {
             source: Box::new(e),
         };
         let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
+        let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
+        {
+            tx.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
+            tx.open_table(DEDUP).map_err(|e| open_err(e.into()))?;
+        }
+        tx.commit().map_err(|e| open_err(e.into()))?;
         let wal_dir = dir.join("wal");
         let store = Store { db, path, wal_dir };
         store.recover()?;
@@ -198,29 +204,10 @@ impl Store {
             source,
         };
         let (records, clean) = wal::replay(&self.wal_dir).map_err(wal_err)?;
-        let mut tx = self.db.begin_write().map_err(write_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(write_err)?;
-        let mut applied = 0usize;
-        {
-            let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
-            let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
-            let last = messages
-                .last()
-                .map_err(write_err)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0);
-            for r in records.iter().filter(|r| r.id > last) {
-                messages
-                    .insert(r.id, r.record.as_slice())
-                    .map_err(write_err)?;
-                dedup
-                    .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
-                    .map_err(write_err)?;
-                applied += 1;
-            }
-        }
-        tx.commit().map_err(write_err)?;
+        let last = self.last_id()?;
+        let missing: Vec<WalRecord> = records.into_iter().filter(|r| r.id > last).collect();
+        let applied = missing.len();
+        write_records(&self.db, &missing, Durability::Immediate, |_, _| Ok(()))?;
         if applied > 0 {
             tracing::info!(
                 messages = applied,
@@ -255,6 +242,7 @@ impl Store {
         let (apply_tx, apply_rx) = std::sync::mpsc::channel();
         let applier = Applier {
             db: Arc::clone(&db),
+            undurable: Vec::new(),
             path: self.path.clone(),
             pending: Arc::clone(&pending),
             durable: Arc::clone(&durable),
@@ -368,6 +356,34 @@ fn db_of(slot: &DbSlot) -> Result<Arc<Database>, StoreError> {
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .ok_or(StoreError::Reopening)
+}
+
+/// Inserts logged records into redb in one transaction; `also` runs inside it.
+fn write_records(
+    db: &Database,
+    records: &[WalRecord],
+    durability: Durability,
+    also: impl FnOnce(
+        &redb::Table<u64, &[u8]>,
+        &mut redb::Table<&[u8], (u64, u64)>,
+    ) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(write_err)?;
+    tx.set_durability(durability).map_err(write_err)?;
+    {
+        let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
+        let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
+        for r in records {
+            messages
+                .insert(r.id, r.record.as_slice())
+                .map_err(write_err)?;
+            dedup
+                .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
+                .map_err(write_err)?;
+        }
+        also(&messages, &mut dedup)?;
+    }
+    tx.commit().map_err(write_err)
 }
 
 /// Dedup keys of messages in the log but not yet applied to redb.
@@ -495,6 +511,8 @@ impl Writer {
 /// `DURABLE_EVERY`; the log segments are released only up to the last durable commit.
 struct Applier {
     db: DbSlot,
+    /// Records committed to redb without fsync since the last durable commit.
+    undurable: Vec<WalRecord>,
     path: PathBuf,
     pending: Pending,
     durable: Arc<AtomicU64>,
@@ -549,13 +567,17 @@ impl Applier {
                         applied_max = applied_max.max(max);
                     }
                     let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    for r in backlog.drain(..) {
+                    for r in &backlog {
                         if pending.get(&r.dedup_key).is_some_and(|(id, _)| *id == r.id) {
                             pending.remove(&r.dedup_key);
                         }
                     }
                     drop(pending);
+                    // Kept until a durable commit: a reopen after an I/O error rolls redb back
+                    // to its last durable commit, and these must then be applied again.
+                    self.undurable.append(&mut backlog);
                     if durable {
+                        self.undurable.clear();
                         self.durable.store(applied_max, Ordering::Release);
                         last_durable = Instant::now();
                         dirty = false;
@@ -602,9 +624,21 @@ impl Applier {
                 }
             }
         }
-        match Database::create(&self.path) {
+        // Reopening rolls redb back to its last durable commit: apply again what was committed
+        // since, durably, before anyone can read the database.
+        let reopened = Database::create(&self.path)
+            .map_err(|e| StoreError::Open {
+                path: self.path.clone(),
+                source: Box::new(e.into()),
+            })
+            .and_then(|db| {
+                write_records(&db, &self.undurable, Durability::Immediate, |_, _| Ok(()))?;
+                Ok(db)
+            });
+        match reopened {
             Ok(db) => {
-                tracing::warn!(path = %self.path.display(), "Store reopened after an I/O error.");
+                tracing::warn!(path = %self.path.display(), reapplied = self.undurable.len(), "Store reopened after an I/O error.");
+                self.undurable.clear();
                 *slot = Some(Arc::new(db));
             }
             Err(e) => {
@@ -615,32 +649,23 @@ impl Applier {
 
     fn commit(&mut self, records: &[WalRecord], durable: bool) -> Result<(), StoreError> {
         let db = db_of(&self.db)?;
-        let mut tx = db.begin_write().map_err(write_err)?;
-        tx.set_durability(if durable {
+        let durability = if durable {
             Durability::Immediate
         } else {
             Durability::None
-        })
-        .map_err(write_err)?;
-        {
-            let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
-            let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
-            for r in records {
-                messages
-                    .insert(r.id, r.record.as_slice())
-                    .map_err(write_err)?;
-                dedup
-                    .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
-                    .map_err(write_err)?;
-            }
-            if self.last_prune.elapsed()
-                >= PRUNE_EVERY.min(Duration::from_millis(self.dedup_window_ms))
-            {
-                self.last_prune = Instant::now();
-                self.prune_dedup(&messages, &mut dedup)?;
-            }
+        };
+        let prune = self.last_prune.elapsed()
+            >= PRUNE_EVERY.min(Duration::from_millis(self.dedup_window_ms));
+        if prune {
+            self.last_prune = Instant::now();
         }
-        tx.commit().map_err(write_err)
+        write_records(&db, records, durability, |messages, dedup| {
+            if prune {
+                self.prune_dedup(messages, dedup)
+            } else {
+                Ok(())
+            }
+        })
     }
 
     /// Removes duplicate-window entries of messages received before the window, walking
