@@ -24,18 +24,29 @@ pub struct MllpClient<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
     pub fn new(stream: S) -> Self {
+        Self::with_limit(stream, 1024 * 1024)
+    }
+
+    /// A client accepting answers of at most `limit` bytes.
+    pub fn with_limit(stream: S, limit: usize) -> Self {
         MllpClient {
             stream,
-            deframer: Deframer::new(1024 * 1024),
+            deframer: Deframer::new(limit),
             buf: vec![0u8; 16 * 1024],
         }
     }
 
     /// Sends `payload` framed and returns the payload of the next frame received.
     pub async fn exchange(&mut self, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.send(payload).await?;
+        self.receive().await
+    }
+
+    /// Sends `payload` framed.
+    pub async fn send(&mut self, payload: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(&mllp::encode(payload)).await?;
         self.stream.flush().await?;
-        self.receive().await
+        Ok(())
     }
 
     /// The payload of the next frame received.

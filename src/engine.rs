@@ -1,18 +1,23 @@
 //! Start-up and shutdown of the engine: keys, store, listeners, readiness, drain.
 //!
-//! Order: unseal keys (no fallback, promise 7) -> open the store -> start the writer -> bind
-//! every listener (a bind error stops start-up before anything is accepted) -> accept -> READY.
+//! Order: unseal keys (no fallback, promise 7) -> open the store -> start the writer -> build
+//! every destination's TLS client -> bind every listener, the control socket and the metrics
+//! listener (any error stops start-up before anything is accepted) -> accept and forward -> READY.
 //! Shutdown: stop accepting, let connections finish the message in hand within the grace
-//! period, then let the writer commit what was submitted and stop.
+//! period, stop the forwarders (an unanswered message is sent again next start), then let the
+//! writer commit what was submitted and stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Settings;
+use crate::config::{DestinationKind, Settings};
+use crate::control;
+use crate::forward::{self, DestStatus, Forwarder, SharedStatus};
 use crate::keys::{self, KeyError};
 use crate::listen::{self, conn::AckIds, ListenError, Shared};
+use crate::route::Router;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Counters;
 
@@ -24,6 +29,24 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("destination {name}: {source}")]
+    Destination {
+        name: String,
+        #[source]
+        source: listen::tls::TlsError,
+    },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running engine.
@@ -33,6 +56,9 @@ pub struct Engine {
     shutdown: watch::Sender<bool>,
     alive_rx: mpsc::Receiver<()>,
     writer: std::thread::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    control: control::Context,
+    metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
 }
 
@@ -47,20 +73,100 @@ impl Engine {
         )?);
         let store = Store::open(&settings.store)?;
         tracing::info!(path = %store.path().display(), "Store open.");
-        let (handle, writer) = store.start_writer(envelope, &settings.store)?;
+        let dest_names: Vec<String> = settings
+            .destinations
+            .iter()
+            .map(|d| d.name.clone())
+            .collect();
+        // Build every TLS client before anything starts, so a bad CA or key stops start-up.
+        let mut upstreams = Vec::with_capacity(settings.destinations.len());
+        for d in &settings.destinations {
+            upstreams.push(match (&d.kind, &d.tls) {
+                (DestinationKind::Mllps, Some(t)) => Some(forward::tls::upstream(t).map_err(
+                    |source| EngineError::Destination {
+                        name: d.name.clone(),
+                        source,
+                    },
+                )?),
+                _ => None,
+            });
+        }
+        let running = store.start(envelope, &settings.store, &dest_names)?;
         let counters = Arc::new(Counters::default());
         let acks = Arc::new(AckIds::default());
+        let router = Arc::new(Router::new(&settings.routes, &settings.destinations));
         let mut bound = Vec::new();
         for l in &settings.listeners {
             bound.push(listen::bind(Shared {
                 settings: l.clone(),
-                store: handle.clone(),
+                store: running.handle.clone(),
+                router: Arc::clone(&router),
+                unrouted: settings.unrouted,
                 counters: Arc::clone(&counters),
                 acks: Arc::clone(&acks),
             })?);
         }
-        drop(handle);
+        let statuses: Vec<SharedStatus> = dest_names
+            .iter()
+            .map(|_| Arc::new(std::sync::Mutex::new(DestStatus::default())))
+            .collect();
+        let ctx = control::Context {
+            handle: running.handle.clone(),
+            reader: running.reader.clone(),
+            dests: dest_names.clone(),
+            statuses: statuses.clone(),
+            live: Arc::clone(&running.live),
+            quota: settings.store.quota,
+        };
+        let control_listener =
+            control::bind(&settings.control_socket).map_err(|source| EngineError::Control {
+                path: settings.control_socket.clone(),
+                source,
+            })?;
+        let metrics_listener = match settings.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| EngineError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for ((d, tls), status) in settings
+            .destinations
+            .iter()
+            .zip(upstreams)
+            .zip(statuses.iter())
+        {
+            let Some(wake) = running.live.wake.get(&d.name).cloned() else {
+                continue;
+            };
+            let f = Forwarder {
+                dest: d.clone(),
+                tls,
+                reader: running.reader.clone(),
+                outcomes: running.outcomes.clone(),
+                wake,
+                status: Arc::clone(status),
+            };
+            tasks.push(tokio::spawn(f.run(shutdown_rx.clone())));
+        }
+        tasks.push(tokio::spawn(control::serve(
+            control_listener,
+            settings.control_socket.clone(),
+            ctx.clone(),
+            shutdown_rx.clone(),
+        )));
+        if let Some(l) = metrics_listener {
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                l,
+                ctx.clone(),
+                Arc::clone(&counters),
+                shutdown_rx.clone(),
+            )));
+        }
         let (alive, alive_rx) = mpsc::channel(1);
         let mut addrs = Vec::new();
         for b in bound {
@@ -69,14 +175,28 @@ impl Engine {
             }
             tokio::spawn(listen::accept_loop(b, shutdown_rx.clone(), alive.clone()));
         }
+        let writer = running.join;
         Ok(Engine {
             counters,
             addrs,
             shutdown,
             alive_rx,
             writer,
+            tasks,
+            control: ctx,
+            metrics_addr,
             grace: settings.shutdown_grace,
         })
+    }
+
+    /// The control context: queue figures and dead-letter actions, as the socket serves them.
+    pub fn control(&self) -> &control::Context {
+        &self.control
+    }
+
+    /// The bound metrics address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound address of each listener, by name.
@@ -98,8 +218,13 @@ impl Engine {
         {
             tracing::warn!(grace = ?self.grace, "Connections still open after the grace period; closing them.");
         }
-        // Each accept loop and connection task held a store handle; once they are gone the
-        // writer commits what is queued and returns.
+        // Forwarders, the control socket and metrics stop on the same signal.
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // Each accept loop, connection task and forwarder held a store handle or an outcome
+        // sender; once they are gone the writer commits what is queued and returns.
+        drop(self.control);
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         tracing::info!("Engine stopped.");

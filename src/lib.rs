@@ -7,12 +7,16 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod devpki;
 pub mod engine;
+pub mod forward;
 pub mod hl7;
 pub mod keys;
 pub mod listen;
+pub mod metrics;
+pub mod route;
 pub mod store;
 pub mod telemetry;
 

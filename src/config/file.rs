@@ -8,8 +8,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{
-    ConfigError, Environment, KeySettings, ListenerKind, ListenerSettings, Settings, StoreSettings,
-    TlsSettings,
+    Backoff, ClientTls, ConfigError, DestinationKind, DestinationSettings, Environment,
+    KeySettings, ListenerKind, ListenerSettings, OnPoison, OnReject, RouteSettings, Settings,
+    StoreSettings, TlsSettings, Unrouted,
 };
 
 /// The whole file.
@@ -27,6 +28,120 @@ pub struct FileConfig {
     /// Listeners, each `[[listener]]`.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
+    /// What intake does with messages no route matches.
+    #[serde(default)]
+    pub intake: IntakeFile,
+    /// Upstream systems, each `[[destination]]`.
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<DestinationFile>,
+    /// Routes, each `[[route]]`: which messages go to which destinations.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteFile>,
+    /// The local control socket of `hl7edge queue`.
+    #[serde(default)]
+    pub control: ControlFile,
+    /// Prometheus metrics listener (off unless configured).
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeFile {
+    /// `accept` (default: AA, message kept and logged as unrouted) or `reject` (AR).
+    #[serde(default)]
+    pub unrouted: Unrouted,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    /// Unix socket path; relative to `engine.state_dir`. Default `control.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// Address of the Prometheus text endpoint, e.g. `127.0.0.1:9575`. Absent: no endpoint.
+    pub listen: Option<String>,
+    /// Allow a non-loopback metrics address.
+    #[serde(default)]
+    pub danger_non_loopback: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationFile {
+    /// Unique name, used in queues, logs and metrics.
+    pub name: String,
+    /// `mllps` (MLLP over TLS) or `mllp` (plaintext).
+    pub kind: ListenerKindFile,
+    /// `host:port` of the upstream.
+    pub address: String,
+    /// Name the server certificate must carry, and SNI. Default: the host of `address`.
+    pub server_name: Option<String>,
+    /// CA bundle (PEM) the server certificate must chain to. Absent: the platform's roots.
+    pub ca: Option<PathBuf>,
+    /// SHA-256 of the server's SubjectPublicKeyInfo, base64 or hex; any one must match.
+    #[serde(default)]
+    pub pin_sha256: Vec<String>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub client_key: Option<PathBuf>,
+    /// Interface to connect through (SO_BINDTODEVICE).
+    pub interface: Option<String>,
+    /// Allow a plaintext `mllp` destination without an interface.
+    #[serde(default)]
+    pub danger_plaintext: bool,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_write_timeout", with = "humantime_serde")]
+    pub write_timeout: Duration,
+    #[serde(default = "default_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// First retry delay after an AE, a timeout or a connection failure.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Growth of the delay per failed attempt.
+    #[serde(default = "default_retry_multiplier")]
+    pub retry_multiplier: f64,
+    /// Attempts (sent and answered AE, or unanswered) before a message is poison.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// A message failing longer than this after it was queued is poison. Absent: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// On AR/CR: `dead_letter` (default) or `retry`.
+    #[serde(default)]
+    pub on_reject: OnReject,
+    /// On a poison message: `dead_letter` (default) or `block` the queue.
+    #[serde(default)]
+    pub on_poison: OnPoison,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: String,
+    /// Listener names; empty: every listener.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// MSH-9 patterns (`ADT^*`, `ORU^R01`); empty: every type.
+    #[serde(default)]
+    pub message_types: Vec<String>,
+    /// MSH-3 namespace ids (`*` wildcard allowed); empty: any.
+    #[serde(default)]
+    pub sending_applications: Vec<String>,
+    /// MSH-4 namespace ids; empty: any.
+    #[serde(default)]
+    pub sending_facilities: Vec<String>,
+    /// Destination names.
+    pub destinations: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +180,53 @@ pub struct StoreFile {
     /// Most messages in one group commit.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    /// Delivered (and unrouted) messages are deleted this long after delivery.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Dead letters are deleted this long after they died.
+    #[serde(default = "default_dead_retention", with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
+    /// Most bytes of stored messages; above it intake answers AE. `"4GiB"`, `"500MB"` or bytes.
+    #[serde(default = "default_quota")]
+    pub quota: ByteSize,
+}
+
+/// A size in bytes, written as an integer or a string with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Option<u64> {
+        match self {
+            ByteSize::Bytes(b) => Some(*b),
+            ByteSize::Text(t) => parse_size(t),
+        }
+    }
+}
+
+/// `"4GiB"`, `"500 MB"`, `"1024"`: binary units for `Ki/Mi/Gi/Ti`, decimal for `k/M/G/T`.
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "k" | "K" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        "TB" | "T" => 1_000_000_000_000,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "TiB" | "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 impl Default for StoreFile {
@@ -73,6 +235,9 @@ impl Default for StoreFile {
             path: default_store_path(),
             dedup_window: default_dedup(),
             max_batch: default_batch(),
+            retention: default_retention(),
+            dead_letter_retention: default_dead_retention(),
+            quota: default_quota(),
         }
     }
 }
@@ -170,6 +335,36 @@ fn default_dedup() -> Duration {
 fn default_batch() -> usize {
     1024
 }
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_dead_retention() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_quota() -> ByteSize {
+    ByteSize::Bytes(4 << 30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_retry_multiplier() -> f64 {
+    2.0
+}
+fn default_max_attempts() -> u32 {
+    10
+}
 fn default_max_connections() -> usize {
     64
 }
@@ -212,10 +407,22 @@ impl FileConfig {
         if self.store.max_batch == 0 {
             return Err(cx.err("store.max_batch", "must be at least 1"));
         }
+        let quota = self.store.quota.bytes().ok_or_else(|| {
+            cx.err(
+                "store.quota",
+                "not a size: write bytes or a number with a unit (\"4GiB\", \"500MB\")",
+            )
+        })?;
+        if quota == 0 {
+            return Err(cx.err("store.quota", "must be more than zero"));
+        }
         let store = StoreSettings {
             path: anchor(&state_dir, &self.store.path),
             dedup_window: self.store.dedup_window,
             max_batch: self.store.max_batch,
+            retention: self.store.retention,
+            dead_letter_retention: self.store.dead_letter_retention,
+            quota,
         };
 
         let keys = match self.keys.provider {
@@ -364,7 +571,38 @@ impl FileConfig {
             });
         }
 
+        let destinations = validate_destinations(&cx, &config_dir, self.destinations)?;
+        let routes = validate_routes(&cx, self.routes, &listeners, &destinations)?;
+        let metrics = match &self.metrics.listen {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    cx.err("metrics.listen", format!("{a:?} is not an address:port"))
+                })?;
+                if !addr.ip().is_loopback() && !self.metrics.danger_non_loopback {
+                    return Err(cx.err(
+                        "metrics.listen",
+                        "metrics are served without authentication: use a loopback address \
+                         (or set danger_non_loopback = true)",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let control_socket = anchor(
+            &state_dir,
+            self.control
+                .socket
+                .as_deref()
+                .unwrap_or(Path::new("control.sock")),
+        );
+
         Ok(Settings {
+            destinations,
+            routes,
+            unrouted: self.intake.unrouted,
+            control_socket,
+            metrics,
             source: file.to_path_buf(),
             environment: self.engine.environment,
             state_dir,
@@ -374,4 +612,222 @@ impl FileConfig {
             shutdown_grace: self.engine.shutdown_grace,
         })
     }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6).
+fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+/// A pin: 32 bytes as 64 hex digits or base64 (an optional `sha256/` prefix as in HPKP).
+fn parse_pin(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let t = text.trim().trim_start_matches("sha256/");
+    let bytes = if t.len() == 64 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+        hex::decode(t).ok()?
+    } else {
+        base64::engine::general_purpose::STANDARD.decode(t).ok()?
+    };
+    bytes.try_into().ok()
+}
+
+fn validate_destinations(
+    cx: &Ctx<'_>,
+    config_dir: &Path,
+    files: Vec<DestinationFile>,
+) -> Result<Vec<DestinationSettings>, ConfigError> {
+    let mut out: Vec<DestinationSettings> = Vec::with_capacity(files.len());
+    for (i, d) in files.into_iter().enumerate() {
+        let key = |k: &str| format!("destination[{i}].{k}");
+        if !valid_name(&d.name) {
+            return Err(cx.err(
+                key("name"),
+                "must be 1-64 characters: letters, digits, '-' and '_'",
+            ));
+        }
+        if out.iter().any(|o| o.name == d.name) {
+            return Err(cx.err(
+                key("name"),
+                format!("duplicate destination name {:?}", d.name),
+            ));
+        }
+        let (host, port) = split_host_port(&d.address)
+            .ok_or_else(|| cx.err(key("address"), format!("{:?} is not host:port", d.address)))?;
+        if let Some(ifname) = &d.interface {
+            if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') {
+                return Err(cx.err(key("interface"), "not a valid interface name"));
+            }
+        }
+        for (k, v) in [
+            ("connect_timeout", d.connect_timeout),
+            ("write_timeout", d.write_timeout),
+            ("ack_timeout", d.ack_timeout),
+            ("retry_initial", d.retry_initial),
+        ] {
+            if v.is_zero() {
+                return Err(cx.err(key(k), "must be more than zero"));
+            }
+        }
+        if d.retry_max < d.retry_initial {
+            return Err(cx.err(key("retry_max"), "must be at least retry_initial"));
+        }
+        if !(1.0..=10.0).contains(&d.retry_multiplier) {
+            return Err(cx.err(key("retry_multiplier"), "must be between 1.0 and 10.0"));
+        }
+        if d.max_attempts == 0 {
+            return Err(cx.err(key("max_attempts"), "must be at least 1"));
+        }
+        let kind = match d.kind {
+            ListenerKindFile::Mllp => DestinationKind::Mllp,
+            ListenerKindFile::Mllps => DestinationKind::Mllps,
+        };
+        let tls = match kind {
+            DestinationKind::Mllp => {
+                for (k, set) in [
+                    ("ca", d.ca.is_some()),
+                    ("pin_sha256", !d.pin_sha256.is_empty()),
+                    ("client_cert", d.client_cert.is_some()),
+                    ("client_key", d.client_key.is_some()),
+                    ("server_name", d.server_name.is_some()),
+                ] {
+                    if set {
+                        return Err(cx.err(
+                            key(k),
+                            "a plaintext mllp destination takes no TLS settings; use kind = \"mllps\"",
+                        ));
+                    }
+                }
+                if d.interface.is_none() && !d.danger_plaintext {
+                    return Err(cx.err(
+                        key("kind"),
+                        "plaintext MLLP carries PHI in the clear: allowed only to a legacy device \
+                         on a named interface (set interface) or with danger_plaintext = true",
+                    ));
+                }
+                None
+            }
+            DestinationKind::Mllps => {
+                let mut pins = Vec::with_capacity(d.pin_sha256.len());
+                for (j, p) in d.pin_sha256.iter().enumerate() {
+                    pins.push(parse_pin(p).ok_or_else(|| {
+                        cx.err(
+                            format!("destination[{i}].pin_sha256[{j}]"),
+                            "not a SHA-256 digest (64 hex digits or base64 of 32 bytes)",
+                        )
+                    })?);
+                }
+                let client = match (d.client_cert, d.client_key) {
+                    (Some(c), Some(k)) => Some((anchor(config_dir, &c), anchor(config_dir, &k))),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(cx.err(key("client_key"), "client_cert needs client_key"))
+                    }
+                    (None, Some(_)) => {
+                        return Err(cx.err(key("client_cert"), "client_key needs client_cert"))
+                    }
+                };
+                Some(ClientTls {
+                    server_name: d.server_name.unwrap_or_else(|| host.clone()),
+                    ca: d.ca.map(|p| anchor(config_dir, &p)),
+                    pins,
+                    client,
+                })
+            }
+        };
+        out.push(DestinationSettings {
+            name: d.name,
+            kind,
+            host,
+            port,
+            tls,
+            interface: d.interface,
+            connect_timeout: d.connect_timeout,
+            write_timeout: d.write_timeout,
+            ack_timeout: d.ack_timeout,
+            backoff: Backoff {
+                initial: d.retry_initial,
+                max: d.retry_max,
+                multiplier: d.retry_multiplier,
+            },
+            max_attempts: d.max_attempts,
+            max_age: d.max_age,
+            on_reject: d.on_reject,
+            on_poison: d.on_poison,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_routes(
+    cx: &Ctx<'_>,
+    files: Vec<RouteFile>,
+    listeners: &[ListenerSettings],
+    destinations: &[DestinationSettings],
+) -> Result<Vec<RouteSettings>, ConfigError> {
+    let mut out: Vec<RouteSettings> = Vec::with_capacity(files.len());
+    for (i, r) in files.into_iter().enumerate() {
+        let key = |k: &str| format!("route[{i}].{k}");
+        if !valid_name(&r.name) {
+            return Err(cx.err(
+                key("name"),
+                "must be 1-64 characters: letters, digits, '-' and '_'",
+            ));
+        }
+        if out.iter().any(|o| o.name == r.name) {
+            return Err(cx.err(key("name"), format!("duplicate route name {:?}", r.name)));
+        }
+        for (j, s) in r.sources.iter().enumerate() {
+            if !listeners.iter().any(|l| &l.name == s) {
+                return Err(cx.err(
+                    format!("route[{i}].sources[{j}]"),
+                    format!("no listener is named {s:?}"),
+                ));
+            }
+        }
+        for (j, t) in r.message_types.iter().enumerate() {
+            if t.is_empty() || t.split('^').count() > 3 {
+                return Err(cx.err(
+                    format!("route[{i}].message_types[{j}]"),
+                    format!("{t:?} is not an MSH-9 pattern like \"ADT^*\" or \"ORU^R01\""),
+                ));
+            }
+        }
+        if r.destinations.is_empty() {
+            return Err(cx.err(key("destinations"), "name at least one destination"));
+        }
+        let mut dests = Vec::with_capacity(r.destinations.len());
+        for (j, d) in r.destinations.iter().enumerate() {
+            match destinations.iter().position(|o| &o.name == d) {
+                Some(p) => dests.push(p),
+                None => {
+                    return Err(cx.err(
+                        format!("route[{i}].destinations[{j}]"),
+                        format!("no destination is named {d:?}"),
+                    ))
+                }
+            }
+        }
+        out.push(RouteSettings {
+            name: r.name,
+            sources: r.sources,
+            message_types: r.message_types,
+            sending_applications: r.sending_applications,
+            sending_facilities: r.sending_facilities,
+            destinations: dests,
+        });
+    }
+    Ok(out)
 }

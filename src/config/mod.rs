@@ -64,6 +64,101 @@ pub struct Settings {
     pub listeners: Vec<ListenerSettings>,
     /// How long SIGTERM waits for connections to finish their pending ACKs.
     pub shutdown_grace: Duration,
+    pub destinations: Vec<DestinationSettings>,
+    pub routes: Vec<RouteSettings>,
+    pub unrouted: Unrouted,
+    /// Unix socket of `hl7edge queue` (owner-only).
+    pub control_socket: PathBuf,
+    /// Prometheus text endpoint, when configured.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The answer to a message no route matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unrouted {
+    /// AA; the message is kept (until retention) and logged as unrouted.
+    #[default]
+    Accept,
+    /// AR with an ERR saying no route matched; nothing is stored.
+    Reject,
+}
+
+/// What an AR/CR from a destination does to the message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReject {
+    #[default]
+    DeadLetter,
+    Retry,
+}
+
+/// What a poison message (too many attempts, too old) does to its queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPoison {
+    /// Move it to dead letters; the queue goes on.
+    #[default]
+    DeadLetter,
+    /// Keep retrying it; nothing behind it moves (order over flow).
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationKind {
+    Mllp,
+    Mllps,
+}
+
+/// Exponential backoff: `initial * multiplier^(n-1)`, at most `max`, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// Verified against the server certificate, and sent as SNI.
+    pub server_name: String,
+    /// CA bundle; `None`: the platform's roots (rustls-platform-verifier).
+    pub ca: Option<PathBuf>,
+    /// SHA-256 of acceptable SubjectPublicKeyInfos; empty: no pinning.
+    pub pins: Vec<[u8; 32]>,
+    /// Client certificate chain and key for mutual TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DestinationSettings {
+    pub name: String,
+    pub kind: DestinationKind,
+    pub host: String,
+    pub port: u16,
+    /// Present exactly for `mllps`.
+    pub tls: Option<ClientTls>,
+    pub interface: Option<String>,
+    pub connect_timeout: Duration,
+    pub write_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub backoff: Backoff,
+    pub max_attempts: u32,
+    pub max_age: Option<Duration>,
+    pub on_reject: OnReject,
+    pub on_poison: OnPoison,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    pub name: String,
+    /// Listener names; empty matches every listener.
+    pub sources: Vec<String>,
+    pub message_types: Vec<String>,
+    pub sending_applications: Vec<String>,
+    pub sending_facilities: Vec<String>,
+    /// Indexes into `Settings::destinations`.
+    pub destinations: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +169,12 @@ pub struct StoreSettings {
     pub dedup_window: Duration,
     /// Most messages one group commit takes.
     pub max_batch: usize,
+    /// Delivered and unrouted messages are deleted this long after they were done.
+    pub retention: Duration,
+    /// Dead letters are deleted this long after they died.
+    pub dead_letter_retention: Duration,
+    /// Most bytes of stored message records; above it intake answers AE.
+    pub quota: u64,
 }
 
 #[derive(Debug, Clone)]

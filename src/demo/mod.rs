@@ -142,7 +142,7 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
         "Stored in {} (bodies AES-256-GCM encrypted; metadata only below):",
         settings.store.path.display()
     );
-    for (id, m) in store.list()? {
+    for (id, m) in store.reader().list()? {
         println!(
             "  #{id}  {:<8} {:<16} from {}^{}  control ID {}",
             m.listener, m.message_type, m.sending_application, m.sending_facility, m.control_id

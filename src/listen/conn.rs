@@ -12,9 +12,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::Shared;
+use crate::config::Unrouted;
 use crate::hl7::ack::{self, AckParams, ErrCondition, Outcome, Severity};
 use crate::hl7::mllp::{self, Deframer, Event};
 use crate::hl7::Message;
+use crate::route::RouteInput;
 use crate::store::{now_ms, Intake, Meta, StoreError, Stored};
 use crate::telemetry::add;
 
@@ -183,7 +185,43 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
         received_ms: now_ms(),
     };
     let control_id = h.control_id.clone();
-    let result = shared.store.submit(Intake { meta, raw: payload }).await;
+    let destinations = shared.router.destinations(&RouteInput {
+        listener: &s.name,
+        message_type: &meta.message_type,
+        sending_application: h.namespace(&h.sending_application),
+        sending_facility: h.namespace(&h.sending_facility),
+    });
+    if destinations.is_empty() {
+        match shared.unrouted {
+            Unrouted::Reject => {
+                add(&counters.messages_unrouted, 1);
+                tracing::warn!(listener = %s.name, peer = %peer, control_id = %control_id, message_type = %meta.message_type, "No route matches the message: rejected (AR).");
+                let cond = ErrCondition::new(
+                    207,
+                    Severity::Error,
+                    format!(
+                        "no route accepts message type {} from this sender",
+                        meta.message_type
+                    ),
+                );
+                return (reject_reply(&payload, cond, shared), Next::Continue);
+            }
+            Unrouted::Accept => {
+                if !shared.router.is_empty() {
+                    add(&counters.messages_unrouted, 1);
+                    tracing::info!(listener = %s.name, peer = %peer, control_id = %control_id, message_type = %meta.message_type, "No route matches the message: kept as unrouted.");
+                }
+            }
+        }
+    }
+    let result = shared
+        .store
+        .submit(Intake {
+            meta,
+            raw: payload,
+            destinations,
+        })
+        .await;
     let outcome = match &result {
         Ok(Stored::New(id)) => {
             add(&counters.messages_accepted, 1);
@@ -235,6 +273,9 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
 fn store_failure_text(e: &Arc<StoreError>) -> String {
     match e.as_ref() {
         StoreError::WriterGone => "gateway shutting down; message not stored, send again".into(),
+        StoreError::Quota { .. } => {
+            "gateway storage is full (quota reached); message not stored, send again later".into()
+        }
         _ => "message not stored (storage error); send again later".into(),
     }
 }

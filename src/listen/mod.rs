@@ -44,6 +44,8 @@ pub enum ListenError {
 pub struct Shared {
     pub settings: ListenerSettings,
     pub store: StoreHandle,
+    pub router: Arc<crate::route::Router>,
+    pub unrouted: crate::config::Unrouted,
     pub counters: Arc<Counters>,
     pub acks: Arc<conn::AckIds>,
 }

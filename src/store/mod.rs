@@ -1,61 +1,53 @@
-//! The durable store: a write-ahead log in front of redb, fed by a group-commit writer.
+//! The durable store: a write-ahead log in front of redb, fed by a group-commit writer, and the
+//! per-destination queues the forwarders drain.
 //!
-//! Intake path (promise 1): every accepted message goes to the writer thread. It takes every
-//! message waiting at that moment (up to `max_batch`), checks duplicates, seals each body, and
-//! appends the whole batch to the write-ahead log ([`wal`]) with one write and one `fdatasync`.
-//! Only then does it answer the submitters, which send the ACKs. One small sequential append per
-//! batch costs about one raw fsync, where a redb commit with immediate durability writes several
-//! scattered pages; that is why the log exists.
+//! Intake path (promise 1): every accepted message goes to the writer thread with the
+//! destinations its routes picked. The writer takes every message waiting at that moment (up to
+//! `max_batch`), checks duplicates and the quota, seals each body, and appends the whole batch to
+//! the write-ahead log ([`wal`]) with one write and one `fdatasync`; each log frame holds the
+//! message and its queue entries (promise 2). Only then does it answer the submitters, which send
+//! the ACKs.
 //!
-//! The applier thread moves logged records into redb: commits without fsync as records arrive,
-//! and one with immediate durability every `DURABLE_EVERY`. Log segments are deleted only up to
-//! the last durable redb commit. [`Store::open`] replays the log into redb before anything else,
-//! so after a crash every acknowledged message is in redb.
-//!
-//! On-disk format (redb tables):
-//! - `messages`: `u64 id -> record`, record = `meta length u32 BE | JSON metadata | sealed body`.
-//!   The metadata (listener, peer, MSH-3/4/5/6/9/10/12, size, time) carries no PHI; the body is
-//!   sealed by `keys::Envelope` with the id bound as associated data, so bodies never reach redb
-//!   or the log in plaintext (promise 3).
-//! - `dedup`: `first 16 bytes of SHA-256(MSH-3, MSH-4, MSH-10) -> (id, received ms)`. Entries
-//!   older than the window are pruned by walking `messages` in id order from a cursor.
+//! The applier thread ([`pipeline`]) moves logged records into redb ([`txn`] lists the tables),
+//! together with the forwarders' outcomes (delivered, attempted, dead) and operator actions
+//! (replay, discard). It commits without fsync as changes arrive and with one every 200 ms; log
+//! segments are deleted only up to the last durable commit. [`Store::open`] replays the log into
+//! redb before anything else, so after a crash every acknowledged message and its queue entries
+//! are in redb. An outcome lost in a crash means the message is sent again: at least once.
 //!
 //! Invariants:
 //! - A submitter hears `Ok` only after the log append holding its message was fsync'd.
-//! - A failed append answers every message of the batch with an error (AE) and is cut back, so
-//!   none of them is counted as stored.
-//! - Ids increase in log order; redb holds a prefix of the log after every durable commit.
+//! - A failed append answers every message of the batch with an error (AE), none is stored.
+//! - Ids increase in log order and redb holds a prefix of the log, so each destination's queue
+//!   in redb only ever grows at its back: a forwarder's cursor never skips an entry.
 //! - A duplicate is found in the batch, in the logged-but-not-applied set, or in redb, checked in
 //!   that order (an entry leaves the pending set only after the applier committed it).
+//! - Message bodies are sealed (`keys::Envelope`, id as associated data) before they reach the
+//!   log or redb; the plaintext metadata carries no PHI (promise 3).
 
+mod pipeline;
+mod txn;
 mod wal;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
+use zeroize::Zeroizing;
 
 use crate::config::StoreSettings;
 use crate::keys::Envelope;
+pub use pipeline::{Affected, ControlOp, Live};
+use pipeline::{Applier, Op, Writer};
+use txn::{Counts, Txn, COUNTERS, DEAD, DEDUP, DONE, MESSAGES, NEXT_ID, QUEUE, REFS};
+pub use txn::{DeadLetter, Selector};
 use wal::{Wal, WalRecord};
-
-const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
-const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
-
-/// How often the writer prunes expired duplicate-window entries, and how many at most per pass.
-const PRUNE_EVERY: Duration = Duration::from_secs(5);
-const PRUNE_MAX: usize = 2000;
-
-/// How often the applier makes its redb commits durable (and so lets the log shrink).
-const DURABLE_EVERY: Duration = Duration::from_millis(200);
-/// Least time between two applier commits.
-const APPLY_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,16 +79,18 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the store is above its quota of {quota} bytes")]
+    Quota { quota: u64 },
     #[error("the store is being reopened after an I/O error")]
     Reopening,
     #[error("the store writer has stopped")]
     WriterGone,
 }
 
-fn write_err(e: impl Into<redb::Error>) -> StoreError {
+pub(crate) fn write_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Write(Box::new(e.into()))
 }
-fn read_err(e: impl Into<redb::Error>) -> StoreError {
+pub(crate) fn read_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Read(Box::new(e.into()))
 }
 
@@ -120,6 +114,8 @@ pub struct Meta {
 pub struct Intake {
     pub meta: Meta,
     pub raw: Vec<u8>,
+    /// Destinations its routes picked; empty for an unrouted message.
+    pub destinations: Vec<String>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -127,6 +123,7 @@ impl std::fmt::Debug for Intake {
         f.debug_struct("Intake")
             .field("control_id", &self.meta.control_id)
             .field("bytes", &self.raw.len())
+            .field("destinations", &self.destinations)
             .finish()
     }
 }
@@ -140,27 +137,274 @@ pub enum Stored {
     Duplicate(u64),
 }
 
-struct Job {
-    intake: Intake,
-    reply: oneshot::Sender<Result<Stored, Arc<StoreError>>>,
+pub(crate) enum Job {
+    Intake {
+        intake: Box<Intake>,
+        reply: oneshot::Sender<Result<Stored, Arc<StoreError>>>,
+    },
+    Control {
+        op: ControlOp,
+        reply: oneshot::Sender<Result<Affected, StoreError>>,
+    },
 }
 
-/// Submits messages to the writer. Cheap to clone.
+/// Submits messages and operator actions to the writer. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Job>,
 }
 
 impl StoreHandle {
-    /// Stores a message durably; returns once its commit is fsync'd.
+    /// Stores a message durably; returns once its log append is fsync'd.
     pub async fn submit(&self, intake: Intake) -> Result<Stored, Arc<StoreError>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { intake, reply })
+            .send(Job::Intake {
+                intake: Box::new(intake),
+                reply,
+            })
             .await
             .map_err(|_| Arc::new(StoreError::WriterGone))?;
         rx.await.map_err(|_| Arc::new(StoreError::WriterGone))?
     }
+
+    /// Replays or discards dead letters; returns once the change is durable.
+    pub async fn control(&self, op: ControlOp) -> Result<Affected, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Control { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+/// Reports delivery outcomes to the applier. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Outcomes {
+    tx: std::sync::mpsc::Sender<Op>,
+}
+
+impl Outcomes {
+    pub fn delivered(&self, dest: &str, seq: u64) {
+        let _ = self.tx.send(Op::Delivered {
+            dest: dest.to_string(),
+            seq,
+        });
+    }
+    pub fn attempted(&self, dest: &str, seq: u64, attempts: u32) {
+        let _ = self.tx.send(Op::Attempted {
+            dest: dest.to_string(),
+            seq,
+            attempts,
+        });
+    }
+    pub fn dead(&self, dest: &str, seq: u64, letter: DeadLetter) {
+        let _ = self.tx.send(Op::Dead {
+            dest: dest.to_string(),
+            seq,
+            letter,
+        });
+    }
+}
+
+/// A queue entry with its message, as a forwarder sends it.
+pub struct Queued {
+    pub seq: u64,
+    pub message_id: u64,
+    pub queued_ms: u64,
+    pub attempts: u32,
+    /// MSH-10 as stored, which the destination's MSA-2 must echo.
+    pub control_id: String,
+    /// The decrypted message, or why it cannot be read.
+    pub body: Result<Zeroizing<Vec<u8>>, String>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("seq", &self.seq)
+            .field("message_id", &self.message_id)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+/// A destination's queue figures from redb.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueFigures {
+    pub depth: u64,
+    pub dead_letters: u64,
+    /// When the oldest queued entry was queued.
+    pub oldest_queued_ms: Option<u64>,
+}
+
+/// A dead letter with its message's metadata, for `queue dead`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadView {
+    pub destination: String,
+    pub letter: DeadLetter,
+    pub meta: Option<Meta>,
+}
+
+/// Read access to the store, shared by forwarders, the control socket and offline commands.
+#[derive(Clone)]
+pub struct StoreReader {
+    db: DbSlot,
+    envelope: Option<Arc<Envelope>>,
+}
+
+impl StoreReader {
+    /// Up to `limit` entries of `dest`'s queue after `after_seq`, in order, with their messages.
+    pub fn queue_batch(
+        &self,
+        dest: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let queue = tx.open_table(QUEUE).map_err(read_err)?;
+        let messages = tx.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::new();
+        let start = after_seq.saturating_add(1);
+        for row in queue
+            .range((dest, start)..=(dest, u64::MAX))
+            .map_err(read_err)?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(read_err)?;
+            let (_, seq) = k.value();
+            let (message_id, queued_ms, attempts) = v.value();
+            let rec = messages.get(message_id).map_err(read_err)?;
+            let (control_id, body) = match rec.as_ref().and_then(|r| split_record(r.value())) {
+                None => (
+                    String::new(),
+                    Err("message record missing or unreadable".into()),
+                ),
+                Some((meta, sealed)) => {
+                    let body = match &self.envelope {
+                        Some(env) => env
+                            .open(message_id, sealed)
+                            .map_err(|e| format!("cannot decrypt: {e}")),
+                        None => Err("no message key loaded".into()),
+                    };
+                    (meta.control_id, body)
+                }
+            };
+            out.push(Queued {
+                seq,
+                message_id,
+                queued_ms,
+                attempts,
+                control_id,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Depth, dead letters and the oldest entry of each destination.
+    pub fn figures(&self, dests: &[String]) -> Result<Vec<QueueFigures>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let counts = Counts::load(&tx.open_table(COUNTERS).map_err(read_err)?)?;
+        let queue = tx.open_table(QUEUE).map_err(read_err)?;
+        let mut out = Vec::with_capacity(dests.len());
+        for d in dests {
+            let oldest = queue
+                .range((d.as_str(), 0)..=(d.as_str(), u64::MAX))
+                .map_err(read_err)?
+                .next()
+                .transpose()
+                .map_err(read_err)?
+                .map(|(_, v)| v.value().1);
+            out.push(QueueFigures {
+                depth: counts.get(&txn::depth_key(d)),
+                dead_letters: counts.get(&txn::dead_key(d)),
+                oldest_queued_ms: oldest,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Bytes of message records stored.
+    pub fn live_bytes(&self) -> Result<u64, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let counts = Counts::load(&tx.open_table(COUNTERS).map_err(read_err)?)?;
+        Ok(counts.get(txn::LIVE_BYTES))
+    }
+
+    /// Dead letters (metadata only), optionally of one destination.
+    pub fn dead_letters(&self, dest: Option<&str>) -> Result<Vec<DeadView>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let dead = tx.open_table(DEAD).map_err(read_err)?;
+        let messages = tx.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in dead.iter().map_err(read_err)? {
+            let (k, v) = row.map_err(read_err)?;
+            let (d, id) = k.value();
+            if dest.is_some_and(|want| want != d) {
+                continue;
+            }
+            let Ok(letter) = serde_json::from_slice::<DeadLetter>(v.value()) else {
+                continue;
+            };
+            let meta = messages
+                .get(id)
+                .map_err(read_err)?
+                .and_then(|r| split_record(r.value()).map(|(m, _)| m));
+            out.push(DeadView {
+                destination: d.to_string(),
+                letter,
+                meta,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Metadata of every stored message, in id order.
+    pub fn list(&self) -> Result<Vec<(u64, Meta)>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (k, v) = row.map_err(read_err)?;
+            if let Some((meta, _)) = split_record(v.value()) {
+                out.push((k.value(), meta));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of stored messages.
+    pub fn message_count(&self) -> Result<u64, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        table.len().map_err(read_err)
+    }
+
+    /// The sealed body of message `id`.
+    pub fn sealed_body(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        let row = table.get(id).map_err(read_err)?;
+        Ok(row.and_then(|v| split_record(v.value()).map(|(_, body)| body.to_vec())))
+    }
+}
+
+/// A started store: what the engine's parts use, and the writer thread to join at shutdown.
+pub struct Running {
+    pub handle: StoreHandle,
+    pub reader: StoreReader,
+    pub outcomes: Outcomes,
+    pub live: Arc<Live>,
+    pub join: std::thread::JoinHandle<()>,
 }
 
 /// The open store.
@@ -189,6 +433,11 @@ impl Store {
         {
             tx.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
             tx.open_table(DEDUP).map_err(|e| open_err(e.into()))?;
+            tx.open_table(QUEUE).map_err(|e| open_err(e.into()))?;
+            tx.open_table(DEAD).map_err(|e| open_err(e.into()))?;
+            tx.open_table(REFS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(DONE).map_err(|e| open_err(e.into()))?;
+            tx.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         let wal_dir = dir.join("wal");
@@ -204,11 +453,19 @@ impl Store {
             source,
         };
         let (records, clean) = wal::replay(&self.wal_dir).map_err(wal_err)?;
-        let last = self.last_id()?;
-        let missing: Vec<WalRecord> = records.into_iter().filter(|r| r.id > last).collect();
+        let next = self.next_id()?;
+        let missing: Vec<WalRecord> = records.into_iter().filter(|r| r.id >= next).collect();
         let applied = missing.len();
-        write_records(&self.db, &missing, Durability::Immediate, |_, _| Ok(()))?;
         if applied > 0 {
+            let tx = self.db.begin_write().map_err(write_err)?;
+            {
+                let mut t = Txn::open(&tx, None)?;
+                for r in &missing {
+                    t.insert_record(r)?;
+                }
+                t.finish()?;
+            }
+            tx.commit().map_err(write_err)?;
             tracing::info!(
                 messages = applied,
                 "Recovered acknowledged messages from the write-ahead log."
@@ -224,14 +481,69 @@ impl Store {
         &self.path
     }
 
-    /// Starts the intake writer and the applier. They stop when every handle is dropped and
-    /// what was submitted is durable in redb.
-    pub fn start_writer(
+    /// The first id not yet used by a message or a queue seq.
+    fn next_id(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(read_err)?;
+        let counts = Counts::load(&tx.open_table(COUNTERS).map_err(read_err)?)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        let last = table.last().map_err(read_err)?.map(|(k, _)| k.value());
+        Ok(counts.get(NEXT_ID).max(last.map_or(1, |l| l + 1)).max(1))
+    }
+
+    fn counts(&self) -> Result<Counts, StoreError> {
+        let tx = self.db.begin_read().map_err(read_err)?;
+        Counts::load(&tx.open_table(COUNTERS).map_err(read_err)?)
+    }
+
+    /// Read access while the engine is stopped (no message key: bodies stay sealed).
+    pub fn reader(self) -> StoreReader {
+        StoreReader {
+            db: Arc::new(RwLock::new(Some(Arc::new(self.db)))),
+            envelope: None,
+        }
+    }
+
+    /// Replays or discards dead letters while the engine is stopped.
+    pub fn control(&self, op: &ControlOp) -> Result<Affected, StoreError> {
+        let first_seq = self.next_id()?;
+        let mut tx = self.db.begin_write().map_err(write_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(write_err)?;
+        let affected = {
+            let mut t = Txn::open(&tx, None)?;
+            let now = now_ms();
+            let affected = match op {
+                ControlOp::Replay(sel) => t.replay(sel, first_seq, now)?,
+                ControlOp::Discard(sel) => t.discard(sel, now)?,
+            };
+            t.finish()?;
+            affected
+        };
+        tx.commit().map_err(write_err)?;
+        Ok(affected)
+    }
+
+    /// Rewrites the file without free space, returning it to the filesystem. Engine stopped.
+    pub fn compact(mut self) -> Result<(u64, u64), StoreError> {
+        let before = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        self.db
+            .compact(redb::CompactionMode::default())
+            .map_err(write_err)?;
+        drop(self.db);
+        let after = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        Ok((before, after))
+    }
+
+    /// Starts the intake writer and the applier. They stop when every handle and outcome
+    /// sender is dropped and what was submitted is durable in redb.
+    pub fn start(
         self,
         envelope: Arc<Envelope>,
         settings: &StoreSettings,
-    ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
-        let next_id = self.last_id()? + 1;
+        destinations: &[String],
+    ) -> Result<Running, StoreError> {
+        let next_id = self.next_id()?;
+        let counts = self.counts()?;
         let wal = Wal::create(&self.wal_dir, next_id).map_err(|source| StoreError::Wal {
             path: self.wal_dir.clone(),
             source,
@@ -239,27 +551,44 @@ impl Store {
         let db: DbSlot = Arc::new(RwLock::new(Some(Arc::new(self.db))));
         let pending = Arc::new(Mutex::new(HashMap::new()));
         let durable = Arc::new(AtomicU64::new(next_id - 1));
+        let live = Arc::new(Live {
+            live_bytes: AtomicU64::new(counts.get(txn::LIVE_BYTES)),
+            counts: Mutex::new(counts.clone()),
+            wake: destinations
+                .iter()
+                .map(|d| (d.clone(), Arc::new(Notify::new())))
+                .collect(),
+        });
         let (apply_tx, apply_rx) = std::sync::mpsc::channel();
         let applier = Applier {
             db: Arc::clone(&db),
-            undurable: Vec::new(),
+            undurable: Applier::new_undurable(),
             path: self.path.clone(),
             pending: Arc::clone(&pending),
             durable: Arc::clone(&durable),
+            live: Arc::clone(&live),
+            counts,
             dedup_window_ms: settings.dedup_window.as_millis() as u64,
-            last_prune: Instant::now(),
+            retention_ms: settings.retention.as_millis() as u64,
+            dead_retention_ms: settings.dead_letter_retention.as_millis() as u64,
+            last_sweep: Instant::now(),
             prune_cursor: 0,
         };
         let (tx, rx) = mpsc::channel(settings.max_batch.saturating_mul(4).max(64));
+        let outcomes = Outcomes {
+            tx: apply_tx.clone(),
+        };
         let writer = Writer {
-            db,
+            db: Arc::clone(&db),
             wal,
-            envelope,
+            envelope: Arc::clone(&envelope),
             max_batch: settings.max_batch,
             dedup_window_ms: settings.dedup_window.as_millis() as u64,
+            quota: settings.quota,
             next_id,
             pending,
             durable,
+            live: Arc::clone(&live),
             apply_tx,
         };
         let spawn_err = |e| StoreError::Write(Box::new(redb::Error::Io(e)));
@@ -267,40 +596,20 @@ impl Store {
             .name("store-applier".into())
             .spawn(move || applier.run(apply_rx))
             .map_err(spawn_err)?;
-        let handle = std::thread::Builder::new()
+        let join = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx, applier))
             .map_err(spawn_err)?;
-        Ok((StoreHandle { tx }, handle))
-    }
-
-    fn last_id(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(read_err)?;
-        let table = tx.open_table(MESSAGES).map_err(read_err)?;
-        let last = table.last().map_err(read_err)?.map(|(k, _)| k.value());
-        Ok(last.unwrap_or(0))
-    }
-
-    /// Metadata of every stored message, in id order.
-    pub fn list(&self) -> Result<Vec<(u64, Meta)>, StoreError> {
-        let tx = self.db.begin_read().map_err(read_err)?;
-        let table = tx.open_table(MESSAGES).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (k, v) = row.map_err(read_err)?;
-            if let Some((meta, _)) = split_record(v.value()) {
-                out.push((k.value(), meta));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The sealed body of message `id`.
-    pub fn sealed_body(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(read_err)?;
-        let table = tx.open_table(MESSAGES).map_err(read_err)?;
-        let row = table.get(id).map_err(read_err)?;
-        Ok(row.and_then(|v| split_record(v.value()).map(|(_, body)| body.to_vec())))
+        Ok(Running {
+            handle: StoreHandle { tx },
+            reader: StoreReader {
+                db,
+                envelope: Some(envelope),
+            },
+            outcomes,
+            live,
+            join,
+        })
     }
 }
 
@@ -347,8 +656,8 @@ fn dedup_key(meta: &Meta) -> [u8; 16] {
     key
 }
 
-/// The database, shared by the writer (reads) and the applier (writes). `None` while the applier
-/// reopens it after an I/O error: redb refuses every transaction after one (`PreviousIo`).
+/// The database, shared by the writer (reads), readers and the applier (writes). `None` while
+/// the applier reopens it after an I/O error: redb refuses every transaction after one.
 type DbSlot = Arc<RwLock<Option<Arc<Database>>>>;
 
 fn db_of(slot: &DbSlot) -> Result<Arc<Database>, StoreError> {
@@ -358,356 +667,12 @@ fn db_of(slot: &DbSlot) -> Result<Arc<Database>, StoreError> {
         .ok_or(StoreError::Reopening)
 }
 
-/// Inserts logged records into redb in one transaction; `also` runs inside it.
-fn write_records(
-    db: &Database,
-    records: &[WalRecord],
-    durability: Durability,
-    also: impl FnOnce(
-        &redb::Table<u64, &[u8]>,
-        &mut redb::Table<&[u8], (u64, u64)>,
-    ) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().map_err(write_err)?;
-    tx.set_durability(durability).map_err(write_err)?;
-    {
-        let mut messages = tx.open_table(MESSAGES).map_err(write_err)?;
-        let mut dedup = tx.open_table(DEDUP).map_err(write_err)?;
-        for r in records {
-            messages
-                .insert(r.id, r.record.as_slice())
-                .map_err(write_err)?;
-            dedup
-                .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
-                .map_err(write_err)?;
-        }
-        also(&messages, &mut dedup)?;
-    }
-    tx.commit().map_err(write_err)
-}
-
-/// Dedup keys of messages in the log but not yet applied to redb.
-type Pending = Arc<Mutex<HashMap<[u8; 16], (u64, u64)>>>;
-
-/// Stage 1: makes batches durable in the write-ahead log, then answers their senders.
-struct Writer {
-    /// Read-only use: duplicate checks.
-    db: DbSlot,
-    wal: Wal,
-    envelope: Arc<Envelope>,
-    max_batch: usize,
-    dedup_window_ms: u64,
-    next_id: u64,
-    pending: Pending,
-    durable: Arc<AtomicU64>,
-    apply_tx: std::sync::mpsc::Sender<Vec<WalRecord>>,
-}
-
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>, applier: std::thread::JoinHandle<()>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            match self.log(&batch) {
-                Ok(results) => {
-                    for (job, stored) in batch.drain(..).zip(results) {
-                        let _ = job.reply.send(Ok(stored));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, messages = batch.len(), "Store write failed; senders get AE.");
-                    let e = Arc::new(e);
-                    for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(Arc::clone(&e)));
-                    }
-                }
-            }
-            self.wal.release(self.durable.load(Ordering::Acquire));
-        }
-        // Every handle is gone: let the applier make everything durable in redb, then drop the log.
-        drop(self.apply_tx);
-        let _ = applier.join();
-        self.wal.close(self.durable.load(Ordering::Acquire));
-    }
-
-    /// Checks duplicates, seals, appends the batch to the log with one fsync, hands it to the
-    /// applier. On error nothing of the batch is stored or counted.
-    fn log(&mut self, batch: &[Job]) -> Result<Vec<Stored>, StoreError> {
-        let mut results = Vec::with_capacity(batch.len());
-        let mut records = Vec::with_capacity(batch.len());
-        let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
-        // An entry older than the window is no duplicate, whether or not it was pruned yet.
-        let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
-        // Pending first, then redb: an entry leaves `pending` only after the applier committed
-        // it, so a read transaction begun after the pending check sees it.
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let db = db_of(&self.db)?;
-        let tx = db.begin_read().map_err(read_err)?;
-        let dedup = tx.open_table(DEDUP).map_err(read_err)?;
-        let mut next = self.next_id;
-        for job in batch {
-            let meta = &job.intake.meta;
-            let dkey = dedup_key(meta);
-            let existing = match batch_keys.get(&dkey).or_else(|| pending.get(&dkey)) {
-                Some(entry) => Some(*entry),
-                None => dedup
-                    .get(dkey.as_slice())
-                    .map_err(read_err)?
-                    .map(|v| v.value()),
-            };
-            if let Some((id, _)) = existing.filter(|(_, ms)| *ms >= cutoff) {
-                results.push(Stored::Duplicate(id));
-                continue;
-            }
-            let id = next;
-            next += 1;
-            let sealed = self
-                .envelope
-                .seal(id, &job.intake.raw)
-                .map_err(|source| StoreError::Seal { id, source })?;
-            batch_keys.insert(dkey, (id, meta.received_ms));
-            records.push(WalRecord {
-                id,
-                received_ms: meta.received_ms,
-                dedup_key: dkey,
-                record: make_record(meta, &sealed),
-            });
-            results.push(Stored::New(id));
-        }
-        drop(dedup);
-        drop(tx);
-        drop(db);
-        self.wal
-            .append(&records)
-            .map_err(|source| StoreError::Wal {
-                path: self.wal.dir().to_path_buf(),
-                source,
-            })?;
-        self.next_id = next;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(batch_keys);
-        if !records.is_empty() && self.apply_tx.send(records).is_err() {
-            tracing::error!(
-                "The store applier stopped; logged messages are applied at the next start."
-            );
-        }
-        Ok(results)
-    }
-}
-
-/// Stage 2: moves logged records into redb. Commits without fsync, and with one every
-/// `DURABLE_EVERY`; the log segments are released only up to the last durable commit.
-struct Applier {
-    db: DbSlot,
-    /// Records committed to redb without fsync since the last durable commit.
-    undurable: Vec<WalRecord>,
-    path: PathBuf,
-    pending: Pending,
-    durable: Arc<AtomicU64>,
-    dedup_window_ms: u64,
-    last_prune: Instant,
-    /// Messages below this id have had their duplicate-window entry pruned.
-    prune_cursor: u64,
-}
-
-impl Applier {
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Vec<WalRecord>>) {
-        let mut last_durable = Instant::now();
-        let mut applied_max = self.durable.load(Ordering::Acquire);
-        let mut dirty = false;
-        let mut backlog: Vec<WalRecord> = Vec::new();
-        let mut failures = 0u64;
-        let mut stopping = false;
-        let mut last_apply = Instant::now();
-        loop {
-            let wait = if dirty {
-                DURABLE_EVERY.saturating_sub(last_durable.elapsed())
-            } else {
-                Duration::from_secs(3600)
-            };
-            match rx.recv_timeout(wait) {
-                Ok(records) => backlog.extend(records),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    stopping = true;
-                    if backlog.is_empty() {
-                        if dirty && self.commit(&[], true).is_ok() {
-                            self.durable.store(applied_max, Ordering::Release);
-                        }
-                        return;
-                    }
-                }
-            }
-            // Fewer, larger redb commits cost less CPU than one per logged batch; the log already
-            // made these records durable, so waiting here delays nothing a sender sees.
-            if !stopping {
-                std::thread::sleep(APPLY_EVERY.saturating_sub(last_apply.elapsed()));
-            }
-            while let Ok(more) = rx.try_recv() {
-                backlog.extend(more);
-            }
-            last_apply = Instant::now();
-            let durable = stopping || last_durable.elapsed() >= DURABLE_EVERY;
-            match self.commit(&backlog, durable) {
-                Ok(()) => {
-                    failures = 0;
-                    if let Some(max) = backlog.iter().map(|r| r.id).max() {
-                        applied_max = applied_max.max(max);
-                    }
-                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    for r in &backlog {
-                        if pending.get(&r.dedup_key).is_some_and(|(id, _)| *id == r.id) {
-                            pending.remove(&r.dedup_key);
-                        }
-                    }
-                    drop(pending);
-                    // Kept until a durable commit: a reopen after an I/O error rolls redb back
-                    // to its last durable commit, and these must then be applied again.
-                    self.undurable.append(&mut backlog);
-                    if durable {
-                        self.undurable.clear();
-                        self.durable.store(applied_max, Ordering::Release);
-                        last_durable = Instant::now();
-                        dirty = false;
-                    } else {
-                        dirty = true;
-                    }
-                }
-                Err(e) => {
-                    // The records stay in the log and in the backlog; reopen and try again.
-                    tracing::error!(error = %e, messages = backlog.len(), path = %self.path.display(),
-                        "Applying logged messages to the store failed; retrying.");
-                    failures += 1;
-                    if stopping && failures >= 3 {
-                        tracing::error!(messages = backlog.len(), "Stopping with logged messages not yet in the store; they are applied at the next start.");
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(200 * failures.min(25)));
-                    self.reopen();
-                }
-            }
-        }
-    }
-
-    /// Closes and reopens the database after a failed commit. Returns once reopened or failed.
-    fn reopen(&mut self) {
-        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut db) = slot.take() {
-            // Readers hold a clone only for the span of one read transaction.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match Arc::try_unwrap(db) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(still_shared) if Instant::now() < deadline => {
-                        db = still_shared;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(still_shared) => {
-                        *slot = Some(still_shared);
-                        return;
-                    }
-                }
-            }
-        }
-        // Reopening rolls redb back to its last durable commit: apply again what was committed
-        // since, durably, before anyone can read the database.
-        let reopened = Database::create(&self.path)
-            .map_err(|e| StoreError::Open {
-                path: self.path.clone(),
-                source: Box::new(e.into()),
-            })
-            .and_then(|db| {
-                write_records(&db, &self.undurable, Durability::Immediate, |_, _| Ok(()))?;
-                Ok(db)
-            });
-        match reopened {
-            Ok(db) => {
-                tracing::warn!(path = %self.path.display(), reapplied = self.undurable.len(), "Store reopened after an I/O error.");
-                self.undurable.clear();
-                *slot = Some(Arc::new(db));
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "Store cannot be reopened.");
-            }
-        }
-    }
-
-    fn commit(&mut self, records: &[WalRecord], durable: bool) -> Result<(), StoreError> {
-        let db = db_of(&self.db)?;
-        let durability = if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        let prune = self.last_prune.elapsed()
-            >= PRUNE_EVERY.min(Duration::from_millis(self.dedup_window_ms));
-        if prune {
-            self.last_prune = Instant::now();
-        }
-        write_records(&db, records, durability, |messages, dedup| {
-            if prune {
-                self.prune_dedup(messages, dedup)
-            } else {
-                Ok(())
-            }
-        })
-    }
-
-    /// Removes duplicate-window entries of messages received before the window, walking
-    /// `messages` in id order from where the last pass stopped (ids grow with time).
-    fn prune_dedup(
-        &mut self,
-        messages: &redb::Table<u64, &[u8]>,
-        dedup: &mut redb::Table<&[u8], (u64, u64)>,
-    ) -> Result<(), StoreError> {
-        let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
-        let mut expired = Vec::new();
-        for row in messages
-            .range(self.prune_cursor..)
-            .map_err(write_err)?
-            .take(PRUNE_MAX)
-        {
-            let (k, v) = row.map_err(write_err)?;
-            match split_record(v.value()) {
-                Some((meta, _)) if meta.received_ms >= cutoff => break,
-                Some((meta, _)) => expired.push((k.value(), dedup_key(&meta))),
-                None => expired.push((k.value(), [0u8; 16])),
-            }
-        }
-        for (id, dkey) in expired {
-            self.prune_cursor = id + 1;
-            let owned = dedup
-                .get(dkey.as_slice())
-                .map_err(write_err)?
-                .is_some_and(|v| v.value().0 == id);
-            if owned {
-                dedup.remove(dkey.as_slice()).map_err(write_err)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::keys::{load_message_keys, DevSealer};
+    use std::time::Duration;
 
     fn meta(ctrl: &str) -> Meta {
         Meta {
@@ -732,11 +697,23 @@ mod tests {
             path: dir.path().join("s.redb"),
             dedup_window: Duration::from_secs(3600),
             max_batch: 16,
+            retention: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
+            quota: 1 << 30,
         };
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
-        let (h, join) = store.start_writer(Arc::clone(&env), &settings).unwrap();
+        let running = store.start(Arc::clone(&env), &settings, &[]).unwrap();
+        // Every sender must go for the writer and the applier to stop.
+        let Running {
+            handle: h,
+            join,
+            outcomes,
+            reader,
+            live,
+        } = running;
+        drop((outcomes, reader, live));
         let mut tasks = Vec::new();
         for i in 0..100 {
             let h = h.clone();
@@ -744,6 +721,7 @@ mod tests {
                 h.submit(Intake {
                     meta: meta(&format!("C{}", i % 50)),
                     raw: format!("MSH|CANARY{i}").into_bytes(),
+                    destinations: vec![],
                 })
                 .await
                 .unwrap()
@@ -758,7 +736,7 @@ mod tests {
         assert_eq!(new, 50);
         drop(h);
         join.join().unwrap();
-        let store = Store::open(&settings).unwrap();
+        let store = Store::open(&settings).unwrap().reader();
         let list = store.list().unwrap();
         assert_eq!(list.len(), 50);
         let (id, _) = list[0];
@@ -776,15 +754,20 @@ mod tests {
             path: dir.path().join("s.redb"),
             dedup_window: Duration::from_millis(20),
             max_batch: 16,
+            retention: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
+            quota: 1 << 30,
         };
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
-        let (h, _join) = store.start_writer(env, &settings).unwrap();
+        let running = store.start(env, &settings, &[]).unwrap();
+        let h = running.handle.clone();
         let submit = |ctrl: &str| {
             h.submit(Intake {
                 meta: meta(ctrl),
                 raw: b"MSH|x".to_vec(),
+                destinations: vec![],
             })
         };
         assert_eq!(submit("A").await.unwrap(), Stored::New(1));

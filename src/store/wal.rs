@@ -2,7 +2,9 @@
 //!
 //! Format: segment files `<state>/wal/<first id, 20 digits>.wal`, each a sequence of frames
 //! `payload length u32 BE | CRC-32 of payload u32 BE | payload`, payload =
-//! `id u64 BE | received ms u64 BE | dedup key [16] | messages-table record`. The record holds the
+//! `id u64 BE | received ms u64 BE | dedup key [16] | destination count u8 | (name length u8 |
+//! name)* | messages-table record`. The destinations are the message's queue entries, logged in
+//! the same frame as the message so both become durable together (promise 2). The record holds the
 //! metadata and the sealed body exactly as the `messages` table stores them, so the log holds no
 //! plaintext PHI either.
 //!
@@ -27,21 +29,31 @@ pub struct WalRecord {
     pub id: u64,
     pub received_ms: u64,
     pub dedup_key: [u8; 16],
+    /// Destinations the message is queued for (names, at most 255 of at most 255 bytes).
+    pub destinations: Vec<String>,
     /// The `messages` table record: metadata and sealed body.
     pub record: Vec<u8>,
 }
 
 impl WalRecord {
     fn encode_into(&self, out: &mut Vec<u8>) {
-        let len = PAYLOAD_HEADER + self.record.len();
         let start = out.len();
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-        out.extend_from_slice(&[0u8; 4]);
+        out.extend_from_slice(&[0u8; FRAME_HEADER]);
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.received_ms.to_be_bytes());
         out.extend_from_slice(&self.dedup_key);
+        // Names are validated to 64 bytes and a route list to fewer than 255 destinations.
+        let dests = &self.destinations[..self.destinations.len().min(255)];
+        out.push(dests.len() as u8);
+        for d in dests {
+            let name = &d.as_bytes()[..d.len().min(255)];
+            out.push(name.len() as u8);
+            out.extend_from_slice(name);
+        }
         out.extend_from_slice(&self.record);
+        let len = (out.len() - start - FRAME_HEADER) as u32;
         let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
         out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
     }
 
@@ -49,11 +61,21 @@ impl WalRecord {
         let id = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
         let received_ms = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
         let dedup_key = payload.get(16..32)?.try_into().ok()?;
+        let count = *payload.get(PAYLOAD_HEADER)? as usize;
+        let mut pos = PAYLOAD_HEADER + 1;
+        let mut destinations = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = *payload.get(pos)? as usize;
+            let name = payload.get(pos + 1..pos + 1 + len)?;
+            destinations.push(String::from_utf8(name.to_vec()).ok()?);
+            pos += 1 + len;
+        }
         Some(WalRecord {
             id,
             received_ms,
             dedup_key,
-            record: payload.get(PAYLOAD_HEADER..)?.to_vec(),
+            destinations,
+            record: payload.get(pos..)?.to_vec(),
         })
     }
 }
@@ -239,6 +261,7 @@ mod tests {
             id,
             received_ms: 7,
             dedup_key: [id as u8; 16],
+            destinations: vec!["hospital".into(), "lab".into()],
             record: vec![id as u8; 100],
         }
     }
@@ -255,6 +278,7 @@ mod tests {
         assert!(clean);
         assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(records[2].record, vec![3u8; 100]);
+        assert_eq!(records[2].destinations, ["hospital", "lab"]);
         // A torn tail (crash mid-write) stops the replay at the last whole frame.
         let seg = list_segments(&wal_dir).unwrap().remove(0);
         let len = fs::metadata(&seg).unwrap().len();

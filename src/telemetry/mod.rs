@@ -56,6 +56,7 @@ counters!(
     messages_accepted,
     messages_duplicate,
     messages_rejected,
+    messages_unrouted,
     messages_store_failed,
     frames_oversized,
     frames_truncated,

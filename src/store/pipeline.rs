@@ -1,0 +1,537 @@
+//! The two store threads: the writer makes intake durable in the write-ahead log and answers
+//! senders; the applier moves logged records, delivery outcomes and operator actions into redb.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::txn::{Counts, DeadLetter, Selector, Txn, DEDUP, REPLAY_MAX};
+use super::wal::{Wal, WalRecord};
+use super::{
+    db_of, dedup_key, make_record, now_ms, read_err, write_err, DbSlot, Job, StoreError, Stored,
+};
+use crate::keys::Envelope;
+
+/// How often the applier prunes expired duplicate-window entries and runs retention, and how
+/// many entries at most per pass.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_MAX: usize = 2000;
+
+/// How often the applier makes its redb commits durable (and so lets the log shrink).
+const DURABLE_EVERY: Duration = Duration::from_millis(200);
+/// Least time between two applier commits.
+const APPLY_EVERY: Duration = Duration::from_millis(10);
+
+/// An operator action on dead letters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ControlOp {
+    Replay(Selector),
+    Discard(Selector),
+}
+
+/// `(destination, message id)` of each dead letter an action took.
+pub type Affected = Vec<(String, u64)>;
+
+/// What the applier is asked to do.
+pub(super) enum Op {
+    Records(Vec<WalRecord>),
+    Delivered {
+        dest: String,
+        seq: u64,
+    },
+    Attempted {
+        dest: String,
+        seq: u64,
+        attempts: u32,
+    },
+    Dead {
+        dest: String,
+        seq: u64,
+        letter: DeadLetter,
+    },
+    Control {
+        op: ControlOp,
+        first_seq: u64,
+        reply: oneshot::Sender<Result<Affected, StoreError>>,
+    },
+}
+
+/// Dedup keys of messages in the log but not yet applied to redb.
+pub(super) type Pending = Arc<Mutex<HashMap<[u8; 16], (u64, u64)>>>;
+
+/// What the engine's other parts see of the store while it runs.
+pub struct Live {
+    /// Bytes of message records stored or logged (the quota's measure).
+    pub live_bytes: AtomicU64,
+    /// The counters table as of the last applier commit.
+    pub counts: Mutex<Counts>,
+    /// Woken when a destination's queue may have grown.
+    pub wake: HashMap<String, Arc<Notify>>,
+}
+
+impl Live {
+    fn wake_all(&self) {
+        for n in self.wake.values() {
+            n.notify_one();
+        }
+    }
+}
+
+/// Stage 1: makes batches durable in the write-ahead log, then answers their senders.
+pub(super) struct Writer {
+    /// Read-only use: duplicate checks.
+    pub db: DbSlot,
+    pub wal: Wal,
+    pub envelope: Arc<Envelope>,
+    pub max_batch: usize,
+    pub dedup_window_ms: u64,
+    pub quota: u64,
+    pub next_id: u64,
+    pub pending: Pending,
+    pub durable: Arc<AtomicU64>,
+    pub live: Arc<Live>,
+    pub apply_tx: std::sync::mpsc::Sender<Op>,
+}
+
+impl Writer {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Job>, applier: std::thread::JoinHandle<()>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(first) = rx.blocking_recv() {
+            let mut control = None;
+            match first {
+                Job::Intake { .. } => batch.push(first),
+                Job::Control { op, reply } => control = Some((op, reply)),
+            }
+            while control.is_none() && batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job @ Job::Intake { .. }) => batch.push(job),
+                    Ok(Job::Control { op, reply }) => control = Some((op, reply)),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            if let Some((op, reply)) = control {
+                // Seqs from here on are past every id logged so far, and the applier receives
+                // this after those records: a replayed message goes to the back of its queue.
+                let first_seq = self.next_id;
+                self.next_id += REPLAY_MAX;
+                let op = Op::Control {
+                    op,
+                    first_seq,
+                    reply,
+                };
+                if let Err(std::sync::mpsc::SendError(Op::Control { reply, .. })) =
+                    self.apply_tx.send(op)
+                {
+                    let _ = reply.send(Err(StoreError::WriterGone));
+                }
+            }
+            self.wal.release(self.durable.load(Ordering::Acquire));
+        }
+        // Every handle is gone: let the applier make everything durable in redb, then drop the log.
+        drop(self.apply_tx);
+        let _ = applier.join();
+        self.wal.close(self.durable.load(Ordering::Acquire));
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+        match self.log(batch) {
+            Ok(results) => {
+                for (job, stored) in batch.drain(..).zip(results) {
+                    if let Job::Intake { reply, .. } = job {
+                        let _ = reply.send(stored.map_err(Arc::new));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = batch.len(), "Store write failed; senders get AE.");
+                let e = Arc::new(e);
+                for job in batch.drain(..) {
+                    if let Job::Intake { reply, .. } = job {
+                        let _ = reply.send(Err(Arc::clone(&e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks duplicates and the quota, seals, appends the batch to the log with one fsync,
+    /// hands it to the applier. On error nothing of the batch is stored or counted.
+    fn log(&mut self, batch: &[Job]) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
+        // An entry older than the window is no duplicate, whether or not it was pruned yet.
+        let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
+        // Pending first, then redb: an entry leaves `pending` only after the applier committed
+        // it, so a read transaction begun after the pending check sees it.
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let dedup = tx.open_table(DEDUP).map_err(read_err)?;
+        let mut next = self.next_id;
+        let mut bytes = self.live.live_bytes.load(Ordering::Acquire);
+        for job in batch {
+            let Job::Intake { intake, .. } = job else {
+                continue;
+            };
+            let meta = &intake.meta;
+            let dkey = dedup_key(meta);
+            let existing = match batch_keys.get(&dkey).or_else(|| pending.get(&dkey)) {
+                Some(entry) => Some(*entry),
+                None => dedup
+                    .get(dkey.as_slice())
+                    .map_err(read_err)?
+                    .map(|v| v.value()),
+            };
+            if let Some((id, _)) = existing.filter(|(_, ms)| *ms >= cutoff) {
+                results.push(Ok(Stored::Duplicate(id)));
+                continue;
+            }
+            if bytes.saturating_add(intake.raw.len() as u64) > self.quota {
+                results.push(Err(StoreError::Quota { quota: self.quota }));
+                continue;
+            }
+            let id = next;
+            next += 1;
+            let sealed = self
+                .envelope
+                .seal(id, &intake.raw)
+                .map_err(|source| StoreError::Seal { id, source })?;
+            batch_keys.insert(dkey, (id, meta.received_ms));
+            let record = make_record(meta, &sealed);
+            bytes += record.len() as u64;
+            records.push(WalRecord {
+                id,
+                received_ms: meta.received_ms,
+                dedup_key: dkey,
+                destinations: intake.destinations.clone(),
+                record,
+            });
+            results.push(Ok(Stored::New(id)));
+        }
+        drop(dedup);
+        drop(tx);
+        drop(db);
+        self.wal
+            .append(&records)
+            .map_err(|source| StoreError::Wal {
+                path: self.wal.dir().to_path_buf(),
+                source,
+            })?;
+        self.next_id = next;
+        let added: u64 = records.iter().map(|r| r.record.len() as u64).sum();
+        self.live.live_bytes.fetch_add(added, Ordering::AcqRel);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(batch_keys);
+        if !records.is_empty() && self.apply_tx.send(Op::Records(records)).is_err() {
+            tracing::error!(
+                "The store applier stopped; logged messages are applied at the next start."
+            );
+        }
+        Ok(results)
+    }
+}
+
+/// What was committed without fsync, kept to re-apply after a reopen.
+pub(super) enum Undurable {
+    Records(Vec<WalRecord>),
+    Delivered(String, u64),
+    Attempted(String, u64, u32),
+    Dead(String, u64, DeadLetter),
+}
+
+/// Stage 2: moves logged records and outcomes into redb. Commits without fsync, and with one
+/// every `DURABLE_EVERY`; the log segments are released only up to the last durable commit.
+pub(super) struct Applier {
+    pub db: DbSlot,
+    /// Changes committed to redb without fsync since the last durable commit.
+    pub undurable: Vec<Undurable>,
+    pub path: PathBuf,
+    pub pending: Pending,
+    pub durable: Arc<AtomicU64>,
+    pub live: Arc<Live>,
+    pub counts: Counts,
+    pub dedup_window_ms: u64,
+    pub retention_ms: u64,
+    pub dead_retention_ms: u64,
+    pub last_sweep: Instant,
+    /// Messages below this id have had their duplicate-window entry pruned.
+    pub prune_cursor: u64,
+}
+
+impl Applier {
+    pub fn new_undurable() -> Vec<Undurable> {
+        Vec::new()
+    }
+
+    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        let mut last_durable = Instant::now();
+        let mut applied_max = self.durable.load(Ordering::Acquire);
+        let mut dirty = false;
+        let mut backlog: Vec<Op> = Vec::new();
+        let mut failures = 0u64;
+        let mut stopping = false;
+        let mut last_apply = Instant::now();
+        loop {
+            let wait = if dirty {
+                DURABLE_EVERY.saturating_sub(last_durable.elapsed())
+            } else {
+                SWEEP_EVERY
+            };
+            match rx.recv_timeout(wait) {
+                Ok(op) => backlog.push(op),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    stopping = true;
+                    if backlog.is_empty() {
+                        if dirty && self.commit(&mut Vec::new(), true).is_ok() {
+                            self.durable.store(applied_max, Ordering::Release);
+                        }
+                        return;
+                    }
+                }
+            }
+            // Fewer, larger redb commits cost less CPU than one per logged batch; the log already
+            // made these records durable, so waiting here delays nothing a sender sees.
+            if !stopping && !backlog.iter().any(|o| matches!(o, Op::Control { .. })) {
+                std::thread::sleep(APPLY_EVERY.saturating_sub(last_apply.elapsed()));
+            }
+            while let Ok(more) = rx.try_recv() {
+                backlog.push(more);
+            }
+            last_apply = Instant::now();
+            // An operator action is answered after a durable commit.
+            let durable = stopping
+                || last_durable.elapsed() >= DURABLE_EVERY
+                || backlog.iter().any(|o| matches!(o, Op::Control { .. }));
+            let max_in = backlog
+                .iter()
+                .filter_map(|o| match o {
+                    Op::Records(r) => r.iter().map(|r| r.id).max(),
+                    _ => None,
+                })
+                .max();
+            let keys: Vec<([u8; 16], u64)> = backlog
+                .iter()
+                .flat_map(|o| match o {
+                    Op::Records(r) => r.iter().map(|r| (r.dedup_key, r.id)).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            match self.commit(&mut backlog, durable) {
+                Ok(()) => {
+                    failures = 0;
+                    if let Some(max) = max_in {
+                        applied_max = applied_max.max(max);
+                    }
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    for (k, id) in keys {
+                        if pending.get(&k).is_some_and(|(pid, _)| *pid == id) {
+                            pending.remove(&k);
+                        }
+                    }
+                    drop(pending);
+                    if durable {
+                        self.undurable.clear();
+                        self.durable.store(applied_max, Ordering::Release);
+                        last_durable = Instant::now();
+                        dirty = false;
+                    } else {
+                        dirty = true;
+                    }
+                    self.live.wake_all();
+                }
+                Err(e) => {
+                    // The records stay in the log and in the backlog; reopen and try again.
+                    tracing::error!(error = %e, changes = backlog.len(), path = %self.path.display(),
+                        "Applying logged messages to the store failed; retrying.");
+                    failures += 1;
+                    if stopping && failures >= 3 {
+                        tracing::error!("Stopping with logged messages not yet in the store; they are applied at the next start.");
+                        for op in backlog.drain(..) {
+                            if let Op::Control { reply, .. } = op {
+                                let _ = reply.send(Err(StoreError::WriterGone));
+                            }
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200 * failures.min(25)));
+                    self.reopen();
+                }
+            }
+        }
+    }
+
+    /// Closes and reopens the database after a failed commit.
+    fn reopen(&mut self) {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut db) = slot.take() {
+            // Readers hold a clone only for the span of one read transaction.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        db = still_shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *slot = Some(still_shared);
+                        return;
+                    }
+                }
+            }
+        }
+        // Reopening rolls redb back to its last durable commit: apply again what was committed
+        // since, durably, before anyone can read the database.
+        let reopened = Database::create(&self.path)
+            .map_err(|e| StoreError::Open {
+                path: self.path.clone(),
+                source: Box::new(e.into()),
+            })
+            .and_then(|db| {
+                let counts = reapply(&db, &self.undurable)?;
+                Ok((db, counts))
+            });
+        match reopened {
+            Ok((db, counts)) => {
+                tracing::warn!(path = %self.path.display(), reapplied = self.undurable.len(), "Store reopened after an I/O error.");
+                self.undurable.clear();
+                self.counts = counts;
+                *slot = Some(Arc::new(db));
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "Store cannot be reopened.");
+            }
+        }
+    }
+
+    /// Applies `ops` in one transaction. On success `ops` is emptied (control ops answered);
+    /// on failure it is left as it was, to retry.
+    fn commit(&mut self, ops: &mut Vec<Op>, durable: bool) -> Result<(), StoreError> {
+        let db = db_of(&self.db)?;
+        let mut tx = db.begin_write().map_err(write_err)?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(write_err)?;
+        let now = now_ms();
+        let mut answers = Vec::new();
+        let counts = {
+            let mut t = Txn::open(&tx, Some(self.counts.clone()))?;
+            for op in ops.iter() {
+                match op {
+                    Op::Records(records) => {
+                        for r in records {
+                            t.insert_record(r)?;
+                        }
+                    }
+                    Op::Delivered { dest, seq } => t.delivered(dest, *seq, now)?,
+                    Op::Attempted {
+                        dest,
+                        seq,
+                        attempts,
+                    } => t.attempted(dest, *seq, *attempts)?,
+                    Op::Dead { dest, seq, letter } => t.kill(dest, *seq, letter)?,
+                    Op::Control { op, first_seq, .. } => {
+                        answers.push(match op {
+                            ControlOp::Replay(sel) => t.replay(sel, *first_seq, now)?,
+                            ControlOp::Discard(sel) => t.discard(sel, now)?,
+                        });
+                    }
+                }
+            }
+            if self.last_sweep.elapsed() >= SWEEP_EVERY {
+                self.last_sweep = Instant::now();
+                let cutoff = now.saturating_sub(self.dedup_window_ms);
+                t.prune_dedup(cutoff, &mut self.prune_cursor, SWEEP_MAX)?;
+                let before = t.counts.get(super::txn::LIVE_BYTES);
+                let (done, dead) = t.purge(
+                    now.saturating_sub(self.retention_ms),
+                    now.saturating_sub(self.dead_retention_ms),
+                    SWEEP_MAX,
+                )?;
+                let freed = before.saturating_sub(t.counts.get(super::txn::LIVE_BYTES));
+                if done + dead > 0 {
+                    self.live.live_bytes.fetch_sub(
+                        freed.min(self.live.live_bytes.load(Ordering::Acquire)),
+                        Ordering::AcqRel,
+                    );
+                    tracing::info!(
+                        delivered = done,
+                        dead_letters = dead,
+                        "Retention deleted expired messages."
+                    );
+                }
+            }
+            t.finish()?
+        };
+        tx.commit().map_err(write_err)?;
+        self.counts = counts.clone();
+        *self.live.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+        let mut answers = answers.into_iter();
+        for op in ops.drain(..) {
+            match op {
+                Op::Records(r) => self.undurable.push(Undurable::Records(r)),
+                Op::Delivered { dest, seq } => self.undurable.push(Undurable::Delivered(dest, seq)),
+                Op::Attempted {
+                    dest,
+                    seq,
+                    attempts,
+                } => self
+                    .undurable
+                    .push(Undurable::Attempted(dest, seq, attempts)),
+                Op::Dead { dest, seq, letter } => {
+                    self.undurable.push(Undurable::Dead(dest, seq, letter))
+                }
+                Op::Control { reply, .. } => {
+                    let _ = reply.send(Ok(answers.next().unwrap_or_default()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies again, durably, what a reopen rolled back; returns the counters after.
+fn reapply(db: &Database, changes: &[Undurable]) -> Result<Counts, StoreError> {
+    let tx = db.begin_write().map_err(write_err)?;
+    let now = now_ms();
+    let counts = {
+        let mut t = Txn::open(&tx, None)?;
+        for c in changes {
+            match c {
+                Undurable::Records(records) => {
+                    for r in records {
+                        t.insert_record(r)?;
+                    }
+                }
+                Undurable::Delivered(dest, seq) => t.delivered(dest, *seq, now)?,
+                Undurable::Attempted(dest, seq, n) => t.attempted(dest, *seq, *n)?,
+                Undurable::Dead(dest, seq, letter) => t.kill(dest, *seq, letter)?,
+            }
+        }
+        t.finish()?
+    };
+    tx.commit().map_err(write_err)?;
+    Ok(counts)
+}
