@@ -172,7 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
-    let config = crate::demo::write_config(&dir, &pki, 0, 0)?;
+    let config = crate::demo::write_config(&dir, &pki, 0, 0, crate::demo::Forward::None)?;
     let settings = Settings::load(&config)?;
     let engine = Engine::start(&settings).await?;
     let tls_addr = engine

@@ -3,6 +3,7 @@
 //! with a client certificate, prints their ACKs, and tells how to send your own.
 
 pub mod samples;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,13 +31,66 @@ fn port_or_free(preferred: u16) -> u16 {
     }
 }
 
+/// Where the demo (or the benchmark) forwards to.
+pub enum Forward {
+    /// Intake only: no destination, no route.
+    None,
+    /// The built-in hospital over MLLPS with mutual TLS (demo CA, client certificate).
+    Tls(std::net::SocketAddr),
+    /// The built-in hospital over plaintext MLLP on loopback (the benchmark).
+    Plain(std::net::SocketAddr),
+}
+
 /// Writes the demo configuration into `state_dir` and returns its path.
 pub fn write_config(
     state_dir: &std::path::Path,
     pki: &devpki::DevPki,
     mllps_port: u16,
     mllp_port: u16,
+    forward: Forward,
 ) -> anyhow::Result<PathBuf> {
+    let destination = match forward {
+        Forward::None => String::new(),
+        Forward::Tls(addr) => format!(
+            r#"
+# The built-in "central hospital" receiver, over MLLP with mutual TLS.
+[[destination]]
+name = "hospital"
+kind = "mllps"
+address = "{addr}"
+server_name = "localhost"
+ca = "{ca}"
+client_cert = "{cert}"
+client_key = "{key}"
+retry_initial = "200ms"
+retry_max = "5s"
+"#,
+            ca = pki.ca_cert.display(),
+            cert = pki.client_cert.display(),
+            key = pki.client_key.display(),
+        ),
+        Forward::Plain(addr) => format!(
+            r#"
+[[destination]]
+name = "hospital"
+kind = "mllp"
+address = "{addr}"
+danger_plaintext = true          # loopback benchmark only
+retry_initial = "50ms"
+retry_max = "1s"
+"#
+        ),
+    };
+    let route = if destination.is_empty() {
+        ""
+    } else {
+        r#"
+[[route]]
+name = "everything-to-hospital"
+message_types = ["*"]
+destinations = ["hospital"]
+"#
+    };
     let config = format!(
         r#"# hl7edge demo configuration (loopback only, development keys).
 [engine]
@@ -63,7 +117,7 @@ name = "legacy"
 kind = "mllp"
 address = "127.0.0.1:{mllp_port}"
 allow = ["127.0.0.1/32"]
-"#,
+{destination}{route}"#,
         state = state_dir.display(),
         cert = pki.server_cert.display(),
         key = pki.server_key.display(),
@@ -94,7 +148,18 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
     let pki = devpki::generate(&state_dir.join("tls"), "demo-ehr")?;
     println!("  generated a demo CA, a server certificate (localhost) and a client certificate (CN=demo-ehr)");
     let (mllps_port, mllp_port) = (port_or_free(MLLPS_PORT), port_or_free(MLLP_PORT));
-    let config_path = write_config(&state_dir, &pki, mllps_port, mllp_port)?;
+    let hospital = upstream::start(([127, 0, 0, 1], 0).into(), Some(&pki), true).await?;
+    println!(
+        "  started a built-in \"central hospital\" receiver (MLLPS, mutual TLS) on {}",
+        hospital.addr
+    );
+    let config_path = write_config(
+        &state_dir,
+        &pki,
+        mllps_port,
+        mllp_port,
+        Forward::Tls(hospital.addr),
+    )?;
     let settings = Settings::load(&config_path)?;
     println!("  configuration {}", config_path.display());
 
@@ -102,7 +167,8 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
     let addr = engine
         .addr("integration")
         .context("the integration listener did not bind")?;
-    println!("  engine up: MLLPS (mutual TLS) on {addr}, plaintext MLLP for 127.0.0.1 on port {mllp_port}\n");
+    println!("  engine up: MLLPS (mutual TLS) on {addr}, plaintext MLLP for 127.0.0.1 on port {mllp_port}");
+    println!("  route: every message type -> destination \"hospital\"\n");
 
     let connector = TlsConnector::from(devpki::client_config(&pki)?);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -111,19 +177,61 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
         .await
         .context("TLS handshake with the demo engine")?;
     let mut client = MllpClient::new(tls);
+    println!("1. The clinic's EHR sends; each ACK comes only after the message is fsync'd:\n");
     for (label, msg) in samples::demo_messages() {
         let ack = client.exchange(msg.as_bytes()).await?;
         println!("  -> {label}\n  <- {}\n", show(&ack));
     }
     drop(client);
 
+    // Forwarding runs on its own; wait (bounded) until the queue has drained.
+    let ctx = engine.control().clone();
+    let dests = vec!["hospital".to_string()];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let report = loop {
+        let report = crate::control::status_report(
+            &ctx.reader,
+            &dests,
+            Some((&ctx.statuses, &ctx.live)),
+            ctx.quota,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let drained = report
+            .destinations
+            .iter()
+            .all(|d| d.queue.depth == 0 && d.live.as_ref().is_some_and(|l| l.delivered > 0));
+        if drained || std::time::Instant::now() >= deadline {
+            break report;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The context holds a store handle: the engine's writer stops only once every handle is gone.
+    drop(ctx);
+    println!("2. Queued and forwarded: the hospital acknowledged, in order:");
+    for (ty, ctrl) in hospital
+        .received
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        println!("  hospital <- {ty:<20} control ID {ctrl}");
+    }
+    println!("\n3. hl7edge queue status (figures from the running engine):\n");
+    print!("{}", crate::control::render_status(&report));
+    println!();
+
     let c = Arc::clone(&engine.counters);
     if serve {
         println!("Send your own (Ctrl-C to stop):");
         print_howto(&pki, mllps_port, mllp_port);
+        println!(
+            "  and watch the queue:\n    hl7edge queue status --config {}",
+            config_path.display()
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
     engine.shutdown().await;
+    drop(hospital);
     let snap = c.snapshot();
     let get = |n: &str| {
         snap.iter()
@@ -139,7 +247,7 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
     );
     let store = crate::store::Store::open(&settings.store)?;
     println!(
-        "Stored in {} (bodies AES-256-GCM encrypted; metadata only below):",
+        "Stored in {} (bodies AES-256-GCM encrypted; metadata only below; delivered messages are kept for the retention period):",
         settings.store.path.display()
     );
     for (id, m) in store.reader().list()? {
