@@ -10,6 +10,12 @@
 //! Connection failures (refused, TLS, timeout on connect or write) are not the message's fault:
 //! they retry with backoff without counting an attempt.
 //!
+//! A kept-open connection may have been closed by the destination since its last answer (hl7apy's
+//! MLLPServer, for one, closes after every reply). When a connection that already carried an
+//! answered exchange ends without answering the next message, that message is sent again at
+//! once on a fresh connection, without counting an attempt; only a fresh connection's failure
+//! counts against the message.
+//!
 //! Outcomes go to the store's applier; one lost in a crash means the message is sent again,
 //! which at-least-once delivery allows.
 
@@ -70,6 +76,9 @@ enum Failure {
     },
     /// The destination refused the message (AR/CR).
     Rejected { ack: AckCode, err_code: Option<u16> },
+    /// The connection ended (closed or reset) after the message was written, with no answer.
+    /// On a reused connection this is most likely a stale connection the peer had closed.
+    Dropped(String),
 }
 
 pub struct Forwarder {
@@ -88,6 +97,8 @@ impl Forwarder {
         let mut batch: VecDeque<Queued> = VecDeque::new();
         let mut conn: Option<Conn> = None;
         let mut conn_failures = 0u32;
+        // Whether the open connection already carried an answered exchange.
+        let mut reused = false;
         update(&self.status, |s| s.state = "idle".into());
         loop {
             if *shutdown.borrow() {
@@ -144,6 +155,7 @@ impl Forwarder {
                     Ok(c) => {
                         tracing::info!(destination = %name, "Connected.");
                         conn = Some(c);
+                        reused = false;
                         conn_failures = 0;
                         update(&self.status, |s| s.state = "connected".into());
                     }
@@ -167,6 +179,20 @@ impl Forwarder {
                 _ = shutdown.changed() => break,
             };
             drop(body);
+            let result = match result {
+                Err(Failure::Connection(reason) | Failure::Dropped(reason)) if reused => {
+                    // Stale kept-open connection: not the message's fault, and nothing to wait
+                    // for. Send it again at once on a new connection (which is not reused, so a
+                    // second failure takes the normal path).
+                    tracing::debug!(destination = %name, error = %reason, "Kept-open connection was closed by the destination; reconnecting.");
+                    conn = None;
+                    continue;
+                }
+                Err(Failure::Dropped(reason)) => Err(attempt(&reason)),
+                other => other,
+            };
+            // Any answer, even a negative one, shows the connection works.
+            reused = !matches!(result, Err(Failure::Connection(_)));
             match result {
                 Ok(()) => {
                     self.outcomes.delivered(&name, head.seq);
@@ -221,7 +247,9 @@ impl Forwarder {
                             err_code,
                             true,
                         ),
-                        Failure::Connection(reason) => (reason, None, None, false),
+                        Failure::Connection(reason) | Failure::Dropped(reason) => {
+                            (reason, None, None, false)
+                        }
                     };
                     if !keep_conn {
                         conn = None;
@@ -363,9 +391,12 @@ async fn exchange(
     let answer = match tokio::time::timeout(d.ack_timeout, conn.receive()).await {
         Ok(Ok(a)) => a,
         Ok(Err(ClientError::Closed)) => {
-            return Err(attempt(
-                "the destination closed the connection without an ACK",
+            return Err(Failure::Dropped(
+                "the destination closed the connection without an ACK".into(),
             ))
+        }
+        Ok(Err(e @ ClientError::Io(_))) => {
+            return Err(Failure::Dropped(format!("reading the ACK failed: {e}")))
         }
         Ok(Err(e)) => return Err(attempt(&format!("reading the ACK failed: {e}"))),
         Err(_) => {
@@ -506,5 +537,34 @@ mod tests {
             Err(Failure::Attempt { .. })
         ));
         assert!(classify(&[0x06], "C1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_without_an_answer_is_dropped_not_a_wrong_answer() {
+        use tokio::io::AsyncReadExt;
+        let settings = crate::config::Settings::from_toml(
+            "[engine]\nenvironment = \"development\"\n[keys]\nprovider = \"development\"\n\
+             [[destination]]\nname = \"d\"\nkind = \"mllp\"\naddress = \"127.0.0.1:1\"\n\
+             danger_plaintext = true\n",
+            std::path::Path::new("/etc/hl7edge/hl7edge.toml"),
+        )
+        .unwrap();
+        let dest = &settings.destinations[0];
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let mut conn: Conn = MllpClient::with_limit(Box::new(ours), MAX_ACK);
+        // The peer reads the message and closes without answering.
+        let peer = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = theirs.read(&mut buf).await;
+        });
+        let r = exchange(
+            &mut conn,
+            b"MSH|^~\\&|A|B|C|D|1||ADT^A01|C1|P|2.5\r",
+            "C1",
+            dest,
+        )
+        .await;
+        peer.await.unwrap();
+        assert!(matches!(r, Err(Failure::Dropped(_))));
     }
 }
