@@ -299,3 +299,295 @@ pub fn ack_code(ack: &str) -> Option<String> {
         .and_then(|s| s.split('|').nth(1))
         .map(str::to_string)
 }
+
+// ---- Store-and-forward helpers: upstream peers, destinations, queue status, bounded polls ----
+
+/// One line of an upstream peer's `--log`: MSH-10, MSH-9 and the answer it gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub control_id: String,
+    pub message_type: String,
+    pub code: String,
+}
+
+/// Reads an upstream `--log` file (missing file: nothing received yet).
+pub fn read_upstream_log(path: &Path) -> Vec<Received> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some(Received {
+                control_id: f.next()?.to_string(),
+                message_type: f.next()?.to_string(),
+                code: f.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A third-party upstream receiver process (python-hl7 `upstream.py` or hl7apy
+/// `hl7apy_upstream.py`), started and waited for (`READY <port>`); killed and reaped on drop.
+pub struct Upstream {
+    child: Option<Child>,
+    _stdout: Option<std::io::BufReader<std::process::ChildStdout>>,
+    pub port: u16,
+    pub log: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Upstream {
+    /// Starts `script` from tests/peers with `--log log`, `--port port` (0: any) and `args`.
+    pub fn spawn(script: &str, log: &Path, port: u16, args: &[String]) -> Upstream {
+        use std::io::BufRead;
+        let stderr = log.with_extension(format!("stderr-{}", rand_suffix()));
+        let err_file = std::fs::File::create(&stderr).unwrap();
+        let mut child = Command::new(venv().join("bin/python"))
+            .arg(peer_script(script))
+            .arg("--log")
+            .arg(log)
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(err_file)
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap_or(0);
+        let port = match line.trim().strip_prefix("READY ") {
+            Some(p) if n > 0 => p.parse().unwrap(),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{script} did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        Upstream {
+            child: Some(child),
+            _stdout: Some(out),
+            port,
+            log: log.to_path_buf(),
+            stderr,
+        }
+    }
+
+    /// The python-hl7 upstream (`upstream.py`): plain unless `args` has `--tls-cert`/`--tls-key`.
+    pub fn python_hl7(log: &Path, port: u16, args: &[&str]) -> Upstream {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn("upstream.py", log, port, &args)
+    }
+
+    /// The python-hl7 upstream over TLS with the instance's server certificate (for
+    /// `localhost`/127.0.0.1); `mutual` also requires a client certificate from the test CA.
+    pub fn python_hl7_tls(
+        log: &Path,
+        port: u16,
+        pki: &DevPki,
+        mutual: bool,
+        args: &[&str],
+    ) -> Upstream {
+        let mut all: Vec<String> = vec![
+            "--tls-cert".into(),
+            pki.server_cert.display().to_string(),
+            "--tls-key".into(),
+            pki.server_key.display().to_string(),
+        ];
+        if mutual {
+            all.push("--tls-ca".into());
+            all.push(pki.ca_cert.display().to_string());
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn("upstream.py", log, port, &all)
+    }
+
+    /// hl7apy's MLLPServer (plain; closes the connection after each reply).
+    pub fn hl7apy(log: &Path, port: u16) -> Upstream {
+        Self::spawn("hl7apy_upstream.py", log, port, &[])
+    }
+
+    /// What this upstream has received so far (every start that used the same log file).
+    pub fn received(&self) -> Vec<Received> {
+        read_upstream_log(&self.log)
+    }
+
+    /// The peer's stderr so far (for failure messages).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it; the port is free again afterwards.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self._stdout = None;
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Control IDs answered `code` (e.g. "AA"), in arrival order.
+pub fn ids_with(log: &[Received], code: &str) -> Vec<String> {
+    log.iter()
+        .filter(|r| r.code == code)
+        .map(|r| r.control_id.clone())
+        .collect()
+}
+
+/// Control IDs in order of first arrival (later duplicates dropped).
+pub fn first_occurrences(log: &[Received]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    log.iter()
+        .filter(|r| seen.insert(r.control_id.clone()))
+        .map(|r| r.control_id.clone())
+        .collect()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `secs` seconds; panics naming
+/// `what` (and the engine log) when it never does.
+pub fn wait_for<T>(inst: &Instance, what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out after {secs} s waiting for {what}\n{}",
+                inst.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `[[destination]]` table for a plaintext upstream on loopback, with fast retries.
+pub fn mllp_destination(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "\n[[destination]]\nname = \"{name}\"\nkind = \"mllp\"\naddress = \"127.0.0.1:{port}\"\n\
+         danger_plaintext = true\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{extra}\n"
+    )
+}
+
+/// A `[[destination]]` table for a TLS upstream trusting `ca`, with fast retries.
+pub fn mllps_destination(name: &str, port: u16, ca: &Path, extra: &str) -> String {
+    format!(
+        "\n[[destination]]\nname = \"{name}\"\nkind = \"mllps\"\naddress = \"127.0.0.1:{port}\"\n\
+         server_name = \"localhost\"\nca = \"{ca}\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{extra}\n",
+        ca = ca.display()
+    )
+}
+
+/// A `[[route]]` table; `types` and `apps` empty match everything.
+pub fn route(name: &str, types: &[&str], apps: &[&str], dests: &[&str]) -> String {
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "\n[[route]]\nname = \"{name}\"\nmessage_types = [{}]\nsending_applications = [{}]\n\
+         destinations = [{}]\n",
+        list(types),
+        list(apps),
+        list(dests)
+    )
+}
+
+/// An instance with the default listeners plus `extra` (destinations, routes, `[store]`).
+pub fn forwarding_instance(extra: &str) -> Instance {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(&dir.path().join("tls"), "test-gw").unwrap();
+    let (a, b) = (free_port(), free_port());
+    let text = config_text(dir.path(), &pki, a, b, "", "") + extra;
+    Instance::with_config(dir, pki, a, b, &text)
+}
+
+/// A message of type `ty` (full MSH-9, e.g. `ORU^R01^ORU_R01`) from application `app`.
+pub fn hl7_message(app: &str, ty: &str, control_id: &str) -> String {
+    let body = match ty.split('^').next().unwrap_or("") {
+        "ORU" => format!(
+            "PID|1||MRN{control_id}^^^NORTHCLINIC^MR||DOE^JOHN||19700101|M\r\
+             OBR|1||LAB{control_id}|GLU^Glucose^L|||20261203100000\r\
+             OBX|1|NM|GLU^Glucose^L||95|mg/dL|70-99|N|||F\r"
+        ),
+        "ORM" => format!(
+            "PID|1||MRN{control_id}^^^NORTHCLINIC^MR||DOE^JOHN||19700101|M\r\
+             ORC|NW|ORD{control_id}\r\
+             OBR|1|ORD{control_id}||XR^Chest X-ray^L\r"
+        ),
+        _ => format!(
+            "EVN|{}|20261203101500\r\
+             PID|1||MRN{control_id}^^^NORTHCLINIC^MR||DOE^JANE||19800101|F\r\
+             PV1|1|I|WARD1^101^A\r",
+            ty.split('^').nth(1).unwrap_or("A01")
+        ),
+    };
+    format!(
+        "MSH|^~\\&|{app}|NORTHCLINIC|HL7EDGE|HOSP|20261203101500||{ty}|{control_id}|P|2.5.1\r{body}"
+    )
+}
+
+/// One plain MLLP connection sending messages one at a time.
+pub struct MllpConn(TcpStream);
+
+impl MllpConn {
+    pub fn connect(addr: SocketAddr) -> MllpConn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        MllpConn(s)
+    }
+
+    /// Sends one message and returns the ACK's text.
+    pub fn send(&mut self, msg: &str) -> String {
+        self.0.write_all(&frame(msg.as_bytes())).unwrap();
+        String::from_utf8_lossy(&read_frame(&mut self.0).expect("an ACK")).into_owned()
+    }
+}
+
+impl Instance {
+    /// `hl7edge queue <args> --json`, parsed; panics when the command fails.
+    pub fn queue_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "hl7edge {all:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The `queue status --json` entry of destination `name`.
+    pub fn dest_status(&self, name: &str) -> serde_json::Value {
+        let st = self.queue_json(&["status"]);
+        st["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no destination {name} in {st}"))
+    }
+
+    /// Dead letters (`queue dead --json`) of destination `name`.
+    pub fn dead_letters(&self, name: &str) -> Vec<serde_json::Value> {
+        self.queue_json(&["dead", "--destination", name])["letters"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
