@@ -336,7 +336,8 @@ impl Forwarder {
             None => Box::new(tcp),
             Some(up) => {
                 let connector = tokio_rustls::TlsConnector::from(Arc::clone(&up.config));
-                let tls = tokio::time::timeout(
+                let tickets_before = up.watch.begin();
+                let mut tls = tokio::time::timeout(
                     d.connect_timeout,
                     connector.connect(up.server_name.clone(), tcp),
                 )
@@ -344,6 +345,23 @@ impl Forwarder {
                 .map_err(|_| format!("TLS handshake with {target} timed out"))?
                 .map_err(|e| format!("TLS handshake with {target} failed: {e}"))?;
                 tls::check_pin(&up.pins, tls.get_ref().1.peer_certificates())?;
+                let tls13 =
+                    tls.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+                if tls13 && up.watch.cert_requested() {
+                    tls::confirm_accepted(&mut tls, &up.watch, tickets_before)
+                        .await
+                        .map_err(|e| {
+                            let ours = if up.watch.has_cert() {
+                                "our client certificate (client_cert)"
+                            } else {
+                                "a client without a certificate (no client_cert is configured)"
+                            };
+                            format!(
+                                "TLS with {target}: the destination asked for a client certificate \
+                                 and closed the connection after the handshake: it refused {ours}: {e}"
+                            )
+                        })?;
+                }
                 Box::new(tls)
             }
         };
