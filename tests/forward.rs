@@ -340,6 +340,56 @@ fn poison_message_is_dead_lettered_after_max_attempts_and_the_rest_is_delivered(
         l["letter"]["reason"].as_str().unwrap().contains("poison"),
         "{l}"
     );
+    // The operator gives up on it: discarded, it leaves the dead letters and is never sent.
+    let id = l["letter"]["message_id"].as_u64().unwrap().to_string();
+    let out = inst.cli(&["queue", "discard", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(inst.dead_letters("hosp").is_empty());
+    assert_eq!(inst.dest_status("hosp")["dead_letters"], 0);
+    assert_eq!(ids_with(&up.received(), "AE").len(), 3);
+}
+
+#[test]
+fn unanswered_message_is_sent_again_after_ack_timeout_and_nothing_overtakes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::python_hl7(&dir.path().join("up.log"), 0, &["--hang", "HG2:1"]);
+    let extra = mllp_destination("hosp", up.port, "ack_timeout = \"1s\"\n")
+        + &route("all", &[], &[], &["hosp"]);
+    let mut inst = forwarding_instance(&extra);
+    inst.start();
+    let ids: Vec<String> = (1..=4).map(|i| format!("HG{i}")).collect();
+    let mut c = MllpConn::connect(inst.plain_addr());
+    for id in &ids {
+        assert_aa(&c.send(&hl7_message("EHR", "ADT^A08^ADT_A01", id)));
+    }
+    let got = wait_aa(&inst, &up, ids.len());
+    // (A loaded machine may time out on another message too: at least once, in order.)
+    let aa: Vec<Received> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.code == "AA")
+        .collect();
+    assert_eq!(first_occurrences(&aa), ids, "{got:?}");
+    let log = up.received();
+    assert_eq!(ids_with(&log, "HANG"), ["HG2"], "{log:?}");
+    let hang = log.iter().position(|r| r.code == "HANG").unwrap();
+    let hg2_aa = log
+        .iter()
+        .position(|r| r.control_id == "HG2" && r.code == "AA")
+        .unwrap();
+    assert!(
+        log[..hg2_aa]
+            .iter()
+            .all(|r| r.control_id == "HG1" || r.control_id == "HG2"),
+        "{log:?}"
+    );
+    assert!(hang < hg2_aa);
+    let d = wait_drained(&inst, "hosp");
+    assert_eq!(d["dead_letters"], 0, "{d}");
 }
 
 #[test]
@@ -521,4 +571,45 @@ fn tls_name_mismatch_unknown_ca_and_wrong_pin_send_nothing_and_say_why() {
         (ms > before).then_some(())
     });
     assert!(bad.received().is_empty(), "{:?}", bad.received());
+}
+
+#[test]
+fn mutual_tls_upstream_refusing_our_missing_client_certificate_is_a_connection_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let upki = devpki::generate(&dir.path().join("upstream-tls"), "unused").unwrap();
+    let up = Upstream::python_hl7_tls(&dir.path().join("up.log"), 0, &upki, true, &[]);
+    // No client_cert: the upstream's TLS 1.3 refuses us after our side of the handshake ended.
+    let extra = mllps_destination("hosp", up.port, &upki.ca_cert, "max_attempts = 2\n")
+        + &route("all", &[], &[], &["hosp"]);
+    let mut inst = forwarding_instance(&extra);
+    inst.start();
+    assert_aa(
+        &send_plain(
+            inst.plain_addr(),
+            &hl7_message("EHR", "ADT^A01^ADT_A01", "NOCERT1"),
+        )
+        .unwrap(),
+    );
+    let failure = |after: u64| {
+        wait_for(
+            &inst,
+            "a failed connection naming the client certificate",
+            30,
+            || {
+                let d = inst.dest_status("hosp");
+                let e = d["live"]["last_error"].as_str().unwrap_or("");
+                let ms = d["live"]["last_error_ms"].as_u64().unwrap_or(0);
+                (e.contains("client certificate") && ms > after).then_some(d)
+            },
+        )
+    };
+    let d = failure(0);
+    // Retried as a connection failure, several times, never counted against the message.
+    let d = failure(d["live"]["last_error_ms"].as_u64().unwrap());
+    let d = failure(d["live"]["last_error_ms"].as_u64().unwrap());
+    assert_eq!(d["dead_letters"], 0, "{d}");
+    assert_eq!(d["depth"], 1, "{d}");
+    assert_eq!(d["live"]["retried"], 0, "{d}");
+    assert!(inst.dead_letters("hosp").is_empty());
+    assert!(up.received().is_empty(), "{:?}", up.received());
 }
