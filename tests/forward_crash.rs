@@ -74,6 +74,18 @@ fn kill_9_mid_stream_then_restart_delivers_every_acknowledged_message_in_order()
     let total: usize = acked.iter().map(Vec::len).sum();
     assert!(total >= 1200);
 
+    // With the engine dead (its control socket file left behind), `queue status` reads the
+    // store itself.
+    let out = inst.cli(&["queue", "status"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("engine: stopped"), "{table}");
+    assert_eq!(inst.queue_json(&["status"])["engine_running"], false);
+
     inst.start();
     wait_for(&inst, "the queue drained after restart", 120, || {
         (inst.dest_status("hosp")["depth"] == 0).then_some(())
