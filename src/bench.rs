@@ -3,6 +3,7 @@
 //! Figures only; nothing here asserts a target.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio_rustls::TlsConnector;
 use crate::client::MllpClient;
 use crate::config::Settings;
 use crate::demo::samples::adt_1k;
+use crate::demo::upstream;
 use crate::devpki;
 use crate::engine::Engine;
 
@@ -30,6 +32,15 @@ pub struct BenchArgs {
     /// Folder for the store and certificates (default: a new folder under /var/tmp, on disk).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Messages queued while the upstream is down, for the restart and drain figures.
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: usize,
+    /// Run only the forwarding scenarios (relay, backlog, restart, drain).
+    #[arg(long)]
+    pub relay_only: bool,
+    /// Run only the intake scenarios.
+    #[arg(long, conflicts_with = "relay_only")]
+    pub intake_only: bool,
 }
 
 struct Report {
@@ -171,8 +182,169 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    println!(
+        "hl7edge bench: {} messages of {} bytes per scenario, store under {}",
+        args.messages,
+        adt_1k("B0C0N0").len(),
+        dir.display()
+    );
+    println!(
+        "cores: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    if !args.relay_only {
+        intake(&args, &dir.join("intake")).await?;
+    }
+    if !args.intake_only {
+        relay(&args, &dir.join("relay")).await?;
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
+            println!(
+                "peak RSS (engines and load generator together): {}",
+                line.trim_start_matches("VmHWM:").trim()
+            );
+        }
+    }
+    if args.state_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Current resident set size of this process, from /proc.
+fn rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .map(|l| l.trim_start_matches("VmRSS:").trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Waits until `count` reaches `n`; returns when it did, or `None` after `limit`.
+async fn until_count(count: &AtomicU64, n: u64, limit: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if count.load(Ordering::Acquire) >= n {
+            return Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Forwarding figures: end-to-end relay to a fast upstream, then a backlog queued while the
+/// upstream is down, the engine's restart with that backlog, and the backlog's drain.
+async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
     let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
-    let config = crate::demo::write_config(&dir, &pki, 0, 0, crate::demo::Forward::None)?;
+    let hospital = upstream::start(([127, 0, 0, 1], 0).into(), None, false).await?;
+    let up_addr = hospital.addr;
+    let config = crate::demo::write_config(dir, &pki, 0, 0, crate::demo::Forward::Plain(up_addr))?;
+    let settings = Settings::load(&config)?;
+    let engine = Engine::start(&settings).await?;
+    let tls = Arc::new(Target::Tls(
+        engine
+            .addr("integration")
+            .context("no integration listener")?,
+        TlsConnector::from(devpki::client_config(&pki)?),
+    ));
+
+    // 1. End to end: intake over MLLPS, queue, forward over MLLP, upstream ACK.
+    let start = Instant::now();
+    let label = format!(
+        "relay: {} conns MLLPS in -> MLLP upstream",
+        args.connections
+    );
+    let mut r = scenario(
+        &label,
+        Arc::clone(&tls),
+        10,
+        args.messages,
+        args.connections,
+        None,
+    )
+    .await?;
+    let n = r.messages as u64;
+    let done = until_count(&hospital.count, n, Duration::from_secs(600)).await;
+    r.label = format!("{label} (intake)");
+    r.print();
+    match done {
+        Some(t) => println!(
+            "{:<44} {:>9.0} msg/s   (intake to upstream ACK, {} msgs)",
+            "relay: end to end",
+            n as f64 / (t - start).as_secs_f64(),
+            n
+        ),
+        None => println!("relay: end to end: not all delivered within 600 s"),
+    }
+
+    // 2. A backlog: the upstream is down while messages are acknowledged and queued.
+    drop(hospital);
+    let backlog = args.backlog.max(args.connections);
+    let label = format!("backlog: {backlog} queued, upstream down");
+    scenario(
+        &label,
+        Arc::clone(&tls),
+        11,
+        backlog,
+        args.connections,
+        None,
+    )
+    .await?
+    .print();
+    println!("{:<44} {}", "RSS with the backlog queued", rss());
+    engine.shutdown().await;
+
+    // 3. Restart with the backlog: ready means listeners bound, store open, forwarders running.
+    let t = Instant::now();
+    let engine = Engine::start(&settings).await?;
+    let ready = t.elapsed();
+    let queued = engine
+        .control()
+        .reader
+        .figures(&["hospital".to_string()])?
+        .first()
+        .map_or(0, |f| f.depth);
+    println!(
+        "{:<44} {:>9.1} ms   ({queued} messages queued)",
+        "restart with the backlog until ready",
+        ready.as_secs_f64() * 1000.0
+    );
+    println!("{:<44} {}", "RSS after the restart", rss());
+
+    // 4. Drain: the upstream comes back at the same address.
+    let hospital = upstream::start(up_addr, None, false).await?;
+    let first = until_count(&hospital.count, 1, Duration::from_secs(30)).await;
+    let last = until_count(&hospital.count, queued, Duration::from_secs(900)).await;
+    match (first, last) {
+        (Some(a), Some(b)) => println!(
+            "{:<44} {:>9.0} msg/s   ({queued} msgs, first to last upstream ACK)",
+            "drain of the backlog",
+            queued.saturating_sub(1) as f64 / (b - a).as_secs_f64().max(1e-9)
+        ),
+        _ => println!(
+            "drain of the backlog: {} of {queued} delivered in time",
+            hospital.count.load(Ordering::Acquire)
+        ),
+    }
+    println!("{:<44} {}", "RSS after the drain", rss());
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// Durable intake figures (no forwarding).
+async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
+    let config = crate::demo::write_config(dir, &pki, 0, 0, crate::demo::Forward::None)?;
     let settings = Settings::load(&config)?;
     let engine = Engine::start(&settings).await?;
     let tls_addr = engine
@@ -185,20 +357,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     ));
     let plain = Arc::new(Target::Plain(plain_addr));
 
-    println!(
-        "hl7edge bench: {} messages of {} bytes per scenario, store in {}",
-        args.messages,
-        adt_1k("B0C0N0").len(),
-        dir.display()
-    );
-    println!(
-        "cores: {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
     let fsync = tokio::task::spawn_blocking({
-        let dir = dir.clone();
+        let dir = dir.to_path_buf();
         move || fsync_rate(&dir, 3.0)
     })
     .await??;
@@ -275,16 +435,5 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .print();
 
     engine.shutdown().await;
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
-            println!(
-                "peak RSS (engine and load generator together): {}",
-                line.trim_start_matches("VmHWM:").trim()
-            );
-        }
-    }
-    if args.state_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::devpki::DevPki;
 use crate::hl7::ack::{build_ack, AckParams, Outcome};
 use crate::hl7::{hl7_timestamp, Message};
 
-/// A running receiver; stops when dropped.
+/// A running receiver; stops, with its connections, when dropped.
 pub struct Hospital {
     pub addr: SocketAddr,
     /// Messages acknowledged.
@@ -53,10 +53,13 @@ pub async fn start(bind: SocketAddr, pki: Option<&DevPki>, keep: bool) -> anyhow
     let received = Arc::new(Mutex::new(Vec::new()));
     let (c, r) = (Arc::clone(&count), Arc::clone(&received));
     let task = tokio::spawn(async move {
+        // Connections live in the set, so stopping the receiver closes them too.
+        let mut conns = tokio::task::JoinSet::new();
         while let Ok((tcp, _)) = listener.accept().await {
+            while conns.try_join_next().is_some() {}
             let _ = tcp.set_nodelay(true);
             let (c, r, acceptor) = (Arc::clone(&c), Arc::clone(&r), acceptor.clone());
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 match acceptor {
                     Some(a) => {
                         if let Ok(tls) = a.accept(tcp).await {
