@@ -572,6 +572,7 @@ impl Store {
             retention_ms: settings.retention.as_millis() as u64,
             dead_retention_ms: settings.dead_letter_retention.as_millis() as u64,
             last_sweep: Instant::now(),
+            sweep_behind: false,
             prune_cursor: 0,
         };
         let (tx, rx) = mpsc::channel(settings.max_batch.saturating_mul(4).max(64));

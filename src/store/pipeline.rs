@@ -269,6 +269,9 @@ pub(super) struct Applier {
     pub retention_ms: u64,
     pub dead_retention_ms: u64,
     pub last_sweep: Instant,
+    /// The last sweep hit its limit: sweep again at the next commit, not a second later, so
+    /// retention keeps up with any steady load.
+    pub sweep_behind: bool,
     /// Messages below this id have had their duplicate-window entry pruned.
     pub prune_cursor: u64,
 }
@@ -287,7 +290,9 @@ impl Applier {
         let mut stopping = false;
         let mut last_apply = Instant::now();
         loop {
-            let wait = if dirty {
+            let wait = if self.sweep_behind {
+                APPLY_EVERY
+            } else if dirty {
                 DURABLE_EVERY.saturating_sub(last_durable.elapsed())
             } else {
                 SWEEP_EVERY
@@ -460,16 +465,17 @@ impl Applier {
                     }
                 }
             }
-            if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            if self.sweep_behind || self.last_sweep.elapsed() >= SWEEP_EVERY {
                 self.last_sweep = Instant::now();
                 let cutoff = now.saturating_sub(self.dedup_window_ms);
-                t.prune_dedup(cutoff, &mut self.prune_cursor, SWEEP_MAX)?;
+                let pruned = t.prune_dedup(cutoff, &mut self.prune_cursor, SWEEP_MAX)?;
                 let before = t.counts.get(super::txn::LIVE_BYTES);
                 let (done, dead) = t.purge(
                     now.saturating_sub(self.retention_ms),
                     now.saturating_sub(self.dead_retention_ms),
                     SWEEP_MAX,
                 )?;
+                self.sweep_behind = pruned >= SWEEP_MAX || done >= SWEEP_MAX || dead >= SWEEP_MAX;
                 let freed = before.saturating_sub(t.counts.get(super::txn::LIVE_BYTES));
                 if done + dead > 0 {
                     self.live.live_bytes.fetch_sub(

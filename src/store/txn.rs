@@ -364,13 +364,14 @@ impl<'t> Txn<'t> {
     }
 
     /// Removes duplicate-window entries of messages received before `cutoff`, walking
-    /// `messages` in id order from `*cursor` (ids grow with time). At most `max` per call.
+    /// `messages` in id order from `*cursor` (ids grow with time). At most `max` per call;
+    /// returns how many messages it walked past.
     pub fn prune_dedup(
         &mut self,
         cutoff: u64,
         cursor: &mut u64,
         max: usize,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut expired = Vec::new();
         for row in self.messages.range(*cursor..).map_err(write_err)?.take(max) {
             let (k, v) = row.map_err(write_err)?;
@@ -380,6 +381,7 @@ impl<'t> Txn<'t> {
                 None => expired.push((k.value(), [0u8; 16])),
             }
         }
+        let walked = expired.len();
         for (id, dkey) in expired {
             *cursor = id + 1;
             let owned = self
@@ -391,6 +393,6 @@ impl<'t> Txn<'t> {
                 self.dedup.remove(dkey.as_slice()).map_err(write_err)?;
             }
         }
-        Ok(())
+        Ok(walked)
     }
 }
