@@ -189,6 +189,9 @@ pub struct StoreFile {
     /// Most bytes of stored messages; above it intake answers AE. `"4GiB"`, `"500MB"` or bytes.
     #[serde(default = "default_quota")]
     pub quota: ByteSize,
+    /// redb's page cache (`"32MiB"`): memory stays bounded however deep the queues are.
+    #[serde(default = "default_cache")]
+    pub cache: ByteSize,
 }
 
 /// A size in bytes, written as an integer or a string with a unit.
@@ -238,6 +241,7 @@ impl Default for StoreFile {
             retention: default_retention(),
             dead_letter_retention: default_dead_retention(),
             quota: default_quota(),
+            cache: default_cache(),
         }
     }
 }
@@ -341,6 +345,9 @@ fn default_retention() -> Duration {
 fn default_dead_retention() -> Duration {
     Duration::from_secs(30 * 24 * 3600)
 }
+fn default_cache() -> ByteSize {
+    ByteSize::Bytes(32 << 20)
+}
 fn default_quota() -> ByteSize {
     ByteSize::Bytes(4 << 30)
 }
@@ -416,6 +423,13 @@ impl FileConfig {
         if quota == 0 {
             return Err(cx.err("store.quota", "must be more than zero"));
         }
+        let cache = self
+            .store
+            .cache
+            .bytes()
+            .filter(|c| (1 << 20..=1 << 40).contains(c))
+            .ok_or_else(|| cx.err("store.cache", "must be a size from 1MiB to 1TiB"))?
+            as usize;
         let store = StoreSettings {
             path: anchor(&state_dir, &self.store.path),
             dedup_window: self.store.dedup_window,
@@ -423,6 +437,7 @@ impl FileConfig {
             retention: self.store.retention,
             dead_letter_retention: self.store.dead_letter_retention,
             quota,
+            cache,
         };
 
         let keys = match self.keys.provider {

@@ -175,6 +175,8 @@ pub struct StoreSettings {
     pub dead_letter_retention: Duration,
     /// Most bytes of stored message records; above it intake answers AE.
     pub quota: u64,
+    /// redb's page cache in bytes: the store's share of memory, whatever the backlog.
+    pub cache: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -428,7 +428,7 @@ impl Store {
             path: path.clone(),
             source: Box::new(e),
         };
-        let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
+        let db = open_db(&path, settings.cache).map_err(|e| open_err(e.into()))?;
         let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
         {
             tx.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
@@ -564,6 +564,7 @@ impl Store {
             db: Arc::clone(&db),
             undurable: Applier::new_undurable(),
             path: self.path.clone(),
+            cache: settings.cache,
             pending: Arc::clone(&pending),
             durable: Arc::clone(&durable),
             live: Arc::clone(&live),
@@ -612,6 +613,11 @@ impl Store {
             join,
         })
     }
+}
+
+/// Opens (or creates) the redb file with a bounded page cache (redb's default is 1 GiB).
+fn open_db(path: &Path, cache: usize) -> Result<Database, redb::DatabaseError> {
+    redb::Builder::new().set_cache_size(cache).create(path)
 }
 
 /// Builds a `messages` record: metadata length, metadata, sealed body.
@@ -701,6 +707,7 @@ mod tests {
             retention: Duration::from_secs(3600),
             dead_letter_retention: Duration::from_secs(3600),
             quota: 1 << 30,
+            cache: 1 << 20,
         };
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
@@ -758,6 +765,7 @@ mod tests {
             retention: Duration::from_secs(3600),
             dead_letter_retention: Duration::from_secs(3600),
             quota: 1 << 30,
+            cache: 1 << 20,
         };
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());

@@ -261,6 +261,7 @@ pub(super) struct Applier {
     /// Changes committed to redb without fsync since the last durable commit.
     pub undurable: Vec<Undurable>,
     pub path: PathBuf,
+    pub cache: usize,
     pub pending: Pending,
     pub durable: Arc<AtomicU64>,
     pub live: Arc<Live>,
@@ -406,7 +407,7 @@ impl Applier {
         }
         // Reopening rolls redb back to its last durable commit: apply again what was committed
         // since, durably, before anyone can read the database.
-        let reopened = Database::create(&self.path)
+        let reopened = super::open_db(&self.path, self.cache)
             .map_err(|e| StoreError::Open {
                 path: self.path.clone(),
                 source: Box::new(e.into()),
