@@ -86,11 +86,8 @@ pub fn generate(dir: &Path, client_cn: &str) -> anyhow::Result<DevPki> {
 
 /// A rustls client configuration trusting the demo CA and presenting the client certificate.
 pub fn client_config(pki: &DevPki) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
-    use crate::listen::tls::{load_certs, load_key, provider};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(&pki.ca_cert)? {
-        roots.add(c)?;
-    }
+    use crate::listen::tls::{load_certs, load_key, load_roots, provider};
+    let roots = load_roots(&pki.ca_cert)?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)

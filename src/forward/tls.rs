@@ -20,14 +20,14 @@ use rustls::client::{
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, NamedGroup, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, NamedGroup, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::ClientTls;
-use crate::listen::tls::{load_certs, load_key, provider, TlsError};
+use crate::listen::tls::{load_certs, load_key, load_roots, provider, TlsError};
 
 /// What a forwarder needs to open TLS connections to its destination.
 #[derive(Clone)]
@@ -170,16 +170,7 @@ pub fn upstream(t: &ClientTls) -> Result<Upstream, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &t.ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(ca)? {
-                roots.add(c).map_err(|e| TlsError::Certs {
-                    path: ca.clone(),
-                    reason: e.to_string(),
-                })?;
-            }
-            builder.with_root_certificates(roots)
-        }
+        Some(ca) => builder.with_root_certificates(load_roots(ca)?),
         None => {
             let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider))
                 .map_err(|e| TlsError::Config(format!("platform trust store: {e}")))?;

@@ -58,6 +58,18 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// Reads a PEM CA bundle into a trust store.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots.add(c).map_err(|e| TlsError::Certs {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
 /// Builds the server configuration of one listener.
 pub fn server_config(t: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
@@ -66,13 +78,7 @@ pub fn server_config(t: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &t.client_ca {
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(ca)? {
-                roots.add(c).map_err(|e| TlsError::Certs {
-                    path: ca.clone(),
-                    reason: e.to_string(),
-                })?;
-            }
+            let roots = load_roots(ca)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
