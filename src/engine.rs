@@ -60,17 +60,38 @@ pub struct Engine {
     control: control::Context,
     metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
+    /// Held in memory only (zeroized on drop) for the audit chain.
+    _audit_key: Arc<keys::Key>,
 }
 
 impl Engine {
     /// Starts everything; returns once listeners are bound and the store is open.
     pub async fn start(settings: &Settings) -> Result<Engine, EngineError> {
         let mut sealer = keys::open_sealer(&settings.keys)?;
+        if matches!(
+            settings.keys,
+            crate::config::KeySettings::Development { .. }
+        ) {
+            tracing::warn!(sealer = %sealer.describe(), "Development key sealer: keys are wrapped under a file on this disk, not sealed in a TPM. Not for production.");
+        }
         tracing::info!(sealer = %sealer.describe(), "Unsealing keys.");
         let envelope = Arc::new(keys::load_message_keys(
             sealer.as_mut(),
             &settings.state_dir,
         )?);
+        // The audit key (tokens, audit checkpoints): generated on the first start like the
+        // message key, unsealed at every start so a wrong boot state stops start-up here.
+        keys::ensure(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
+        let (_, audit_key) =
+            keys::load_current(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
+        // Release the TPM connection (swtpm and /dev/tpm0 serve one client at a time), so
+        // `hl7edge keys ...` works beside the running engine.
+        drop(sealer);
+        tracing::info!(
+            message_keys = ?envelope.key_ids(),
+            current = envelope.current_key_id(),
+            "Keys unsealed."
+        );
         let store = Store::open(&settings.store)?;
         tracing::info!(path = %store.path().display(), "Store open.");
         let dest_names: Vec<String> = settings
@@ -186,6 +207,7 @@ impl Engine {
             control: ctx,
             metrics_addr,
             grace: settings.shutdown_grace,
+            _audit_key: Arc::new(audit_key),
         })
     }
 

@@ -25,3 +25,11 @@ pub fn harden_process() {
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
     let _ = nix::sys::prctl::set_dumpable(false);
 }
+
+/// Locks every current and future page in RAM (mlockall(MCL_CURRENT | MCL_FUTURE)), so key
+/// material is never swapped out. Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; the
+/// caller warns when it is not permitted.
+pub fn lock_memory() -> Result<(), nix::Error> {
+    use nix::sys::mman::{mlockall, MlockAllFlags};
+    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
+}

@@ -9,8 +9,11 @@ use hl7edge::config::{Settings, DEFAULT_PATH};
 
 /// Exit code for a bad configuration (EX_CONFIG is 78, but 64 is what operators script for).
 const EXIT_CONFIG: u8 = 64;
-/// Exit code when start-up fails for any other reason (keys, store, bind).
+/// Exit code when start-up fails for any other reason (store, bind, ...).
 const EXIT_START: u8 = 70;
+/// Exit code when keys exist but cannot be unsealed: TPM absent, PCR mismatch, corrupt or
+/// foreign blob, wrong development key file (promise 7: the engine does not start).
+const EXIT_KEYS: u8 = 71;
 
 #[derive(Parser)]
 #[command(name = "hl7edge", version, about = "Hardened HL7 v2 edge gateway")]
@@ -47,6 +50,14 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// The key hierarchy: generate, seal, inspect, rotate (never prints key bytes, except
+    /// `unseal-disk` to a pipe).
+    Keys {
+        #[arg(long, short, default_value = DEFAULT_PATH, global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Destination queues and dead letters: from the running engine over its control socket,
     /// or from the store when the engine is stopped.
     Queue {
@@ -72,6 +83,33 @@ enum StoreCommand {
         #[arg(long, short, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate and seal every key that is missing (message, audit, disk, tunnel); idempotent.
+    Init,
+    /// Which keys exist, the sealer and PCR set, whether each unseals now, and the stored
+    /// records per message key id (engine stopped). Exit 71 when a key does not unseal.
+    Status,
+    /// Add a new key id; new records use it, old records stay readable. Restart the engine.
+    Rotate {
+        #[arg(value_enum)]
+        key: RotateKey,
+    },
+    /// Re-encrypt every stored record under the newest message key (engine stopped).
+    Rewrap,
+    /// Generate and seal the LUKS2 data partition's key when missing; idempotent.
+    SealDisk,
+    /// Write the disk key to stdout for `cryptsetup open --key-file=-`; refused on a terminal.
+    UnsealDisk,
+    /// Print the WireGuard public key (base64) of the tunnel key.
+    TunnelPubkey,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RotateKey {
+    Message,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +160,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     hl7edge::harden_process();
+    // libtss2 logs to stderr by default; our errors say what failed. Set while single-threaded.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
@@ -142,14 +184,28 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
         }
         Command::Run { config } => {
             let settings = load(&config)?;
-            hl7edge::telemetry::init(false, "info");
+            // tss-esapi logs every failed TPM command at ERROR through `log`; our own error
+            // names the key and the cause, so its lines are noise.
+            hl7edge::telemetry::init(false, "info,tss_esapi=off");
+            lock_memory();
             runtime()?
                 .block_on(hl7edge::engine::run(settings))
                 .map_err(|e| {
                     tracing::error!(error = %e, "Start-up failed.");
                     eprintln!("hl7edge: {e}");
-                    ExitCode::from(EXIT_START)
+                    match e {
+                        hl7edge::engine::EngineError::Keys(k) if k.is_unseal_failure() => {
+                            ExitCode::from(EXIT_KEYS)
+                        }
+                        _ => ExitCode::from(EXIT_START),
+                    }
                 })
+        }
+        Command::Keys { config, command } => {
+            let settings = load(&config)?;
+            hl7edge::telemetry::init(true, "warn,tss_esapi=off");
+            lock_memory();
+            keys(&settings, command)
         }
         Command::Demo { state_dir, serve } => {
             hl7edge::telemetry::init(true, "warn");
@@ -205,6 +261,173 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             Ok(())
         }
     }
+}
+
+/// Keeps key pages out of swap: mlockall(MCL_CURRENT | MCL_FUTURE) when permitted.
+fn lock_memory() {
+    if let Err(e) = hl7edge::lock_memory() {
+        tracing::warn!(error = %e, "Cannot lock memory (mlockall): key pages may be swapped out. Grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK.");
+    }
+}
+
+fn key_fail(e: hl7edge::keys::KeyError) -> ExitCode {
+    eprintln!("hl7edge: {e}");
+    ExitCode::from(if e.is_unseal_failure() {
+        EXIT_KEYS
+    } else {
+        EXIT_START
+    })
+}
+
+fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
+    use hl7edge::keys::{self, Envelope, KeyKind};
+    use std::io::{IsTerminal, Write};
+    let state = &settings.state_dir;
+    // One owner of the sealer (and of the TPM connection) for the whole command.
+    let mut sealer = keys::open_sealer(&settings.keys).map_err(key_fail)?;
+    let sealer = sealer.as_mut();
+    match command {
+        KeysCommand::Init => {
+            for kind in KeyKind::ALL {
+                let (id, created) = keys::ensure(sealer, state, kind).map_err(key_fail)?;
+                let what = if created {
+                    "generated and sealed"
+                } else {
+                    "exists"
+                };
+                println!("{}-{id}\t{what}", kind.name());
+            }
+        }
+        KeysCommand::SealDisk => {
+            let (id, created) = keys::ensure(sealer, state, KeyKind::Disk).map_err(key_fail)?;
+            let what = if created {
+                "generated and sealed"
+            } else {
+                "exists"
+            };
+            println!("disk-{id}\t{what}");
+        }
+        KeysCommand::UnsealDisk => {
+            let mut out = std::io::stdout().lock();
+            if out.is_terminal() {
+                eprintln!("hl7edge: refusing to write the disk key to a terminal; pipe it: hl7edge keys unseal-disk | cryptsetup open --key-file=- DEVICE NAME");
+                return Err(ExitCode::from(EXIT_START));
+            }
+            let (_, key) = keys::load_current(sealer, state, KeyKind::Disk).map_err(key_fail)?;
+            out.write_all(keys::disk_key_bytes(&key))
+                .and_then(|()| out.flush())
+                .map_err(fail)?;
+        }
+        KeysCommand::TunnelPubkey => {
+            let (_, key) = keys::load_current(sealer, state, KeyKind::Tunnel).map_err(key_fail)?;
+            println!("{}", keys::tunnel_public_key(&key));
+        }
+        KeysCommand::Rotate {
+            key: RotateKey::Message,
+        } => {
+            // The current keys must unseal first: never rotate away from keys we cannot read.
+            keys::load_message_keys(sealer, state).map_err(key_fail)?;
+            let id = keys::rotate(sealer, state, KeyKind::Message).map_err(key_fail)?;
+            println!("message-{id}\tgenerated and sealed; new records use it after the engine restarts; old records stay readable (`hl7edge keys rewrap` re-encrypts them)");
+        }
+        KeysCommand::Rewrap => {
+            let envelope = keys::load_message_keys(sealer, state).map_err(key_fail)?;
+            let current = envelope.current_key_id();
+            let store = open_store(settings)?;
+            let replaced = store
+                .rewrite_bodies(|id, body| {
+                    if Envelope::key_id_of(body) == Some(current) {
+                        return Ok(None);
+                    }
+                    let plain = envelope.open(id, body)?;
+                    envelope.seal(id, &plain).map(Some)
+                })
+                .map_err(fail)?
+                .map_err(fail)?;
+            println!("{replaced} record(s) re-encrypted under message key {current}");
+        }
+        KeysCommand::Status => {
+            println!("sealer\t{}", sealer.describe());
+            let list = keys::status(sealer, state).map_err(key_fail)?;
+            // Records per message key id, when the store exists and the engine is stopped.
+            let mut per_key: std::collections::BTreeMap<Option<u32>, u64> = Default::default();
+            let records = if !settings.store.path.exists() {
+                Some(per_key.clone())
+            } else {
+                match hl7edge::store::Store::open(&settings.store) {
+                    Ok(store) => {
+                        store
+                            .visit_bodies(|_, body| {
+                                *per_key.entry(Envelope::key_id_of(body)).or_default() += 1;
+                            })
+                            .map_err(fail)?;
+                        Some(per_key)
+                    }
+                    Err(_) => None,
+                }
+            };
+            let mut failed = false;
+            for kind in KeyKind::ALL {
+                let of_kind: Vec<_> = list.iter().filter(|k| k.kind == kind).collect();
+                if of_kind.is_empty() {
+                    let hint = if kind == KeyKind::Disk {
+                        "seal-disk"
+                    } else {
+                        "init"
+                    };
+                    println!("{}\tmissing\t(hl7edge keys {hint})", kind.name());
+                }
+                let newest = of_kind.last().map(|k| k.id);
+                for k in of_kind {
+                    let mut line = format!("{}-{}", kind.name(), k.id);
+                    match &k.unseal {
+                        Ok(()) => line.push_str("\tunseals"),
+                        Err(e) => {
+                            failed = true;
+                            line.push_str(&format!("\tFAILED: {e}"));
+                        }
+                    }
+                    if let Some(p) = &k.policy {
+                        line.push_str(&format!("\tpcrs={p}"));
+                    }
+                    if kind == KeyKind::Message {
+                        if Some(k.id) == newest {
+                            line.push_str("\tcurrent");
+                        }
+                        if let Some(r) = &records {
+                            let n = r.get(&Some(k.id)).copied().unwrap_or(0);
+                            line.push_str(&format!("\trecords={n}"));
+                        }
+                    }
+                    println!("{line}");
+                }
+            }
+            match &records {
+                None => println!("records\tunknown: the store is in use by the running engine"),
+                Some(r) => {
+                    let known: std::collections::BTreeSet<u32> = list
+                        .iter()
+                        .filter(|k| k.kind == KeyKind::Message)
+                        .map(|k| k.id)
+                        .collect();
+                    for (id, n) in r {
+                        match id {
+                            Some(id) if known.contains(id) => {}
+                            Some(id) => {
+                                failed = true;
+                                println!("message-{id}\tMISSING: {n} record(s) are sealed under it and no blob exists");
+                            }
+                            None => println!("records\t{n} unreadable record(s)"),
+                        }
+                    }
+                }
+            }
+            if failed {
+                return Err(ExitCode::from(EXIT_KEYS));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -9,8 +10,8 @@ use serde::Deserialize;
 
 use super::{
     Backoff, ClientTls, ConfigError, DestinationKind, DestinationSettings, Environment,
-    KeySettings, ListenerKind, ListenerSettings, OnPoison, OnReject, RouteSettings, Settings,
-    StoreSettings, TlsSettings, Unrouted,
+    KeySettings, ListenerKind, ListenerSettings, OnPoison, OnReject, PcrBank, RouteSettings,
+    Settings, StoreSettings, TlsSettings, TpmSettings, Unrouted,
 };
 
 /// The whole file.
@@ -249,18 +250,36 @@ impl Default for StoreFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysFile {
-    /// `development` (a key file; the TPM sealer arrives with its own issue).
+    /// `tpm` (keys sealed in TPM 2.0 under a PCR policy) or `development` (a key file).
     pub provider: KeyProvider,
     /// Development key file; relative to `engine.state_dir`. Default `keys/development.key`.
     pub key_file: Option<PathBuf>,
     /// Allow software keys with `environment = "production"`.
     #[serde(default)]
     pub danger_software_keys: bool,
+    /// TPM: the TCTI, e.g. `device:/dev/tpmrm0` (default) or `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: Option<String>,
+    /// TPM: the PCRs the keys are sealed to, e.g. `[7]`. Required: no default is guessed.
+    pub pcrs: Option<Vec<u32>>,
+    /// TPM: the PCR bank, `sha256` (default), `sha384` or `sha1`.
+    pub pcr_bank: Option<PcrBank>,
+    /// TPM: a persistent storage key (SRK) to seal under, e.g. `0x81000001`; absent: a primary
+    /// key derived in the owner hierarchy at each start.
+    pub srk_handle: Option<HandleFile>,
+}
+
+/// A TPM handle written as an integer (`0x81000001`) or a string (`"0x81000001"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HandleFile {
+    Int(u32),
+    Text(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyProvider {
+    Tpm,
     Development,
 }
 
@@ -397,6 +416,116 @@ impl Ctx<'_> {
     }
 }
 
+/// `[keys]`: the development sealer (refused in production unless `danger_software_keys`), or
+/// the TPM sealer with an explicit PCR set.
+fn validate_keys(
+    k: &KeysFile,
+    environment: Environment,
+    state_dir: &Path,
+    cx: &Ctx<'_>,
+) -> Result<KeySettings, ConfigError> {
+    match k.provider {
+        KeyProvider::Development => {
+            for (set, key) in [
+                (k.tcti.is_some(), "keys.tcti"),
+                (k.pcrs.is_some(), "keys.pcrs"),
+                (k.pcr_bank.is_some(), "keys.pcr_bank"),
+                (k.srk_handle.is_some(), "keys.srk_handle"),
+            ] {
+                if set {
+                    return Err(cx.err(key, "only for provider = \"tpm\""));
+                }
+            }
+            if environment == Environment::Production && !k.danger_software_keys {
+                return Err(cx.err(
+                    "keys.danger_software_keys",
+                    "development keys are refused with environment = \"production\" \
+                     unless danger_software_keys = true",
+                ));
+            }
+            Ok(KeySettings::Development {
+                key_file: anchor(
+                    state_dir,
+                    k.key_file
+                        .as_deref()
+                        .unwrap_or(Path::new("keys/development.key")),
+                ),
+            })
+        }
+        KeyProvider::Tpm => {
+            if k.key_file.is_some() {
+                return Err(cx.err("keys.key_file", "only for provider = \"development\""));
+            }
+            if k.danger_software_keys {
+                return Err(cx.err(
+                    "keys.danger_software_keys",
+                    "only for provider = \"development\"",
+                ));
+            }
+            let tcti = k
+                .tcti
+                .clone()
+                .unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
+            if let Err(e) = tss_esapi::tcti_ldr::TctiNameConf::from_str(&tcti) {
+                return Err(cx.err(
+                    "keys.tcti",
+                    format!("not a TCTI (device:PATH, swtpm:host=H,port=P, ...): {e}"),
+                ));
+            }
+            let Some(list) = &k.pcrs else {
+                return Err(cx.err(
+                    "keys.pcrs",
+                    "required for provider = \"tpm\": the PCRs of the expected boot state, e.g. [7]",
+                ));
+            };
+            if list.is_empty() {
+                return Err(cx.err("keys.pcrs", "must name at least one PCR"));
+            }
+            let mut pcrs: Vec<u8> = Vec::with_capacity(list.len());
+            for &p in list {
+                if p > 23 {
+                    return Err(cx.err("keys.pcrs", format!("PCR {p}: must be 0 to 23")));
+                }
+                if pcrs.contains(&(p as u8)) {
+                    return Err(cx.err("keys.pcrs", format!("PCR {p} is listed twice")));
+                }
+                pcrs.push(p as u8);
+            }
+            pcrs.sort_unstable();
+            let srk_handle = match &k.srk_handle {
+                None => None,
+                Some(h) => {
+                    let v = match h {
+                        HandleFile::Int(v) => Some(*v),
+                        HandleFile::Text(t) => {
+                            let t = t.trim();
+                            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                                None => t.parse().ok(),
+                            }
+                        }
+                    };
+                    match v {
+                        Some(v) if (0x8100_0000..=0x81FF_FFFF).contains(&v) => Some(v),
+                        _ => {
+                            return Err(cx.err(
+                                "keys.srk_handle",
+                                "must be a persistent handle, 0x81000000 to 0x81FFFFFF",
+                            ))
+                        }
+                    }
+                }
+            };
+            Ok(KeySettings::Tpm(TpmSettings {
+                tcti,
+                pcrs,
+                bank: k.pcr_bank.unwrap_or(PcrBank::Sha256),
+                srk_handle,
+            }))
+        }
+    }
+}
+
 fn anchor(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -440,28 +569,7 @@ impl FileConfig {
             cache,
         };
 
-        let keys = match self.keys.provider {
-            KeyProvider::Development => {
-                if self.engine.environment == Environment::Production
-                    && !self.keys.danger_software_keys
-                {
-                    return Err(cx.err(
-                        "keys.danger_software_keys",
-                        "development keys are refused with environment = \"production\" \
-                         unless danger_software_keys = true",
-                    ));
-                }
-                KeySettings::Development {
-                    key_file: anchor(
-                        &state_dir,
-                        self.keys
-                            .key_file
-                            .as_deref()
-                            .unwrap_or(Path::new("keys/development.key")),
-                    ),
-                }
-            }
-        };
+        let keys = validate_keys(&self.keys, self.engine.environment, &state_dir, &cx)?;
 
         let mut listeners: Vec<ListenerSettings> = Vec::with_capacity(self.listeners.len());
         for (i, l) in self.listeners.into_iter().enumerate() {

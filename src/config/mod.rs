@@ -183,6 +183,48 @@ pub struct StoreSettings {
 pub enum KeySettings {
     /// Keys wrapped under a key file on disk: for demos and machines without a TPM.
     Development { key_file: PathBuf },
+    /// Keys sealed in TPM 2.0 under a PCR policy.
+    Tpm(TpmSettings),
+}
+
+/// The TPM sealer's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmSettings {
+    /// TCTI configuration string (`device:/dev/tpmrm0`, `swtpm:host=...,port=...`).
+    pub tcti: String,
+    /// PCR indexes (sorted, unique, 0..=23) the policy binds.
+    pub pcrs: Vec<u8>,
+    pub bank: PcrBank,
+    /// Persistent storage key to seal under; `None`: a primary derived in the owner hierarchy.
+    pub srk_handle: Option<u32>,
+}
+
+/// A PCR bank (hash algorithm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PcrBank {
+    Sha1,
+    Sha256,
+    Sha384,
+}
+
+impl PcrBank {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PcrBank::Sha1 => "sha1",
+            PcrBank::Sha256 => "sha256",
+            PcrBank::Sha384 => "sha384",
+        }
+    }
+
+    /// Length of one PCR value in this bank.
+    pub fn digest_len(self) -> usize {
+        match self {
+            PcrBank::Sha1 => 20,
+            PcrBank::Sha256 => 32,
+            PcrBank::Sha384 => 48,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +378,55 @@ mod tests {
     fn development_keys_in_production_are_refused() {
         let e = err("[keys]\nprovider = \"development\"\n");
         assert!(e.contains("keys.danger_software_keys"), "{e}");
+    }
+
+    #[test]
+    fn tpm_keys_need_an_explicit_pcr_set_and_valid_values() {
+        let e = err("[keys]\nprovider = \"tpm\"\n");
+        assert!(e.contains("keys.pcrs"), "{e}");
+        assert!(e.contains("/etc/hl7edge/hl7edge.toml"), "{e}");
+        let s =
+            load("[keys]\nprovider = \"tpm\"\npcrs = [7, 0]\nsrk_handle = 0x81000001\n").unwrap();
+        assert_eq!(
+            match s.keys {
+                KeySettings::Tpm(t) => t,
+                other => panic!("{other:?}"),
+            },
+            TpmSettings {
+                tcti: "device:/dev/tpmrm0".into(),
+                pcrs: vec![0, 7],
+                bank: PcrBank::Sha256,
+                srk_handle: Some(0x8100_0001),
+            }
+        );
+        let s = load(
+            "[keys]\nprovider = \"tpm\"\npcrs = [7]\npcr_bank = \"sha384\"\n\
+             tcti = \"swtpm:host=127.0.0.1,port=2321\"\nsrk_handle = \"0x81000002\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            s.keys,
+            KeySettings::Tpm(TpmSettings {
+                bank: PcrBank::Sha384,
+                srk_handle: Some(0x8100_0002),
+                ..
+            })
+        ));
+        for (text, key) in [
+            ("pcrs = []\n", "keys.pcrs"),
+            ("pcrs = [24]\n", "keys.pcrs"),
+            ("pcrs = [7, 7]\n", "keys.pcrs"),
+            ("pcrs = [7]\nsrk_handle = 1\n", "keys.srk_handle"),
+            ("pcrs = [7]\ntcti = \"carrier-pigeon:x\"\n", "keys.tcti"),
+            ("pcrs = [7]\nkey_file = \"k\"\n", "keys.key_file"),
+            ("pcrs = [7]\npcr_bank = \"md5\"\n", "pcr_bank"),
+            ("pcrs = [7]\npcr = [1]\n", "pcr"),
+        ] {
+            let e = err(&format!("[keys]\nprovider = \"tpm\"\n{text}"));
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = err(&format!("{KEYS}pcrs = [7]\n"));
+        assert!(e.contains("keys.pcrs"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,26 @@ impl Envelope {
         })
     }
 
+    /// The key id that seals new records.
+    pub fn current_key_id(&self) -> u32 {
+        self.current
+    }
+
+    /// Every key id this envelope can open, ascending.
+    pub fn key_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.keys.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The key id a sealed record names (no decryption); `None` when it is not a record.
+    pub fn key_id_of(record: &[u8]) -> Option<u32> {
+        if record.len() < HEADER + 16 || record.first() != Some(&VERSION) {
+            return None;
+        }
+        Some(u32::from_be_bytes(record.get(1..5)?.try_into().ok()?))
+    }
+
     /// Encrypts `plain` as record `id`.
     pub fn seal(&self, id: u64, plain: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);

@@ -1,15 +1,28 @@
-//! Keys: where the message key comes from, and envelope encryption of message bodies at rest.
+//! Keys: the key hierarchy, its sealers, and envelope encryption of message bodies at rest.
 //!
-//! A [`Sealer`] wraps and unwraps 256-bit keys. This module provides the development sealer
-//! (keys wrapped under a key file); the TPM 2.0 sealer plugs in behind the same trait.
-//! Sealed blobs live in `<state_dir>/keys/<name>-<id>.sealed`; plaintext keys exist only in
-//! engine memory, zeroized on drop, and never appear in Debug output, logs or errors.
+//! The hierarchy: 256-bit keys generated on the box from the OS CSPRNG, each sealed on its own:
+//! - `message`: AES-256-GCM of message bodies ([`Envelope`]); rotated by adding a new id, old
+//!   ids stay so old records stay readable, new records use the newest;
+//! - `audit`: HMAC key of tokens and audit checkpoints (held by the engine for the audit issue);
+//! - `disk`: the LUKS2 data partition's passphrase (`keys unseal-disk`);
+//! - `tunnel`: the WireGuard private key (X25519), its public key from `keys tunnel-pubkey`.
+//!
+//! A [`Sealer`] wraps and unwraps them: the TPM 2.0 sealer ([`tpm`], PolicyPCR on a configured
+//! PCR set) or the development sealer (AES-256-GCM under a key file, refused in production
+//! unless `danger_software_keys`, and every start with it logs a warning).
+//! On-disk format: `<state_dir>/keys/<name>-<id>.sealed`, one blob per key id (ids from 1),
+//! files mode 0600 in a 0700 folder, written atomically. Plaintext keys exist only in memory,
+//! zeroized on drop, and never appear in Debug output, logs or errors.
 //!
 //! Invariants:
-//! - No fallback: if a key cannot be unsealed the engine does not start (promise 7).
-//! - Key bytes never leave this module except as cipher state.
+//! - No fallback: if a key cannot be unsealed the engine does not start (promise 7), and no
+//!   existing key is ever replaced by a new one: a missing key is generated only when no id of
+//!   it exists at all.
+//! - Key bytes never leave this module except as cipher state, the disk key on a pipe
+//!   (`keys unseal-disk`) and the tunnel's public key.
 
 mod envelope;
+pub mod tpm;
 
 use std::fs;
 use std::io::Write;
@@ -68,11 +81,76 @@ pub enum KeyError {
     Unseal { name: &'static str, path: PathBuf },
     #[error("the OS random source failed: {0}")]
     Random(String),
+    #[error("cannot open the TPM at {tcti}: {reason}")]
+    TpmOpen { tcti: String, reason: String },
+    #[error("TPM storage key {parent}: {reason}")]
+    TpmStorageKey { parent: String, reason: String },
+    #[error("cannot seal the {name} key in the TPM: {reason}")]
+    TpmSeal { name: &'static str, reason: String },
+    #[error("cannot unseal the {name} key from {path}: the blob is corrupt: {reason}")]
+    BlobCorrupt {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot unseal the {name} key from {path}: {reason}")]
+    TpmLoad {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot unseal the {name} key from {path}: the TPM refused the PCR policy: {} changed since the key was sealed (the boot state is not the expected one)", pcr_list(bank, changed))]
+    PcrMismatch {
+        name: &'static str,
+        path: PathBuf,
+        bank: &'static str,
+        changed: Vec<u8>,
+    },
+    #[error("cannot unseal the {name} key from {path}: the TPM refused the PCR policy ({reason}), though the PCR values recorded at seal time match")]
+    PolicyRefused {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot unseal the {name} key from {path}: {reason}")]
+    TpmUnseal {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("the {name} key does not exist yet: run `hl7edge keys {hint}`")]
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
+    #[error("cannot read the keys folder {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn pcr_list(bank: &str, changed: &[u8]) -> String {
+    let list: Vec<String> = changed.iter().map(|p| format!("PCR {p}")).collect();
+    format!("{} ({bank})", list.join(", "))
+}
+
+impl KeyError {
+    /// Whether this error means a key that exists cannot be obtained: TPM absent or refusing,
+    /// PCR mismatch, corrupt or foreign blob, wrong key file (exit code 71 at start).
+    pub fn is_unseal_failure(&self) -> bool {
+        !matches!(self, KeyError::Write { .. } | KeyError::Random(_))
+    }
 }
 
 /// Wraps and unwraps keys.
 pub trait Sealer: Send {
     fn describe(&self) -> String;
+    /// What a blob is bound to (the TPM sealer: its PCR set), for `keys status`.
+    fn blob_policy(&self, _blob: &[u8]) -> Option<String> {
+        None
+    }
     fn seal(&mut self, name: &'static str, key: &Key) -> Result<Vec<u8>, KeyError>;
     fn unseal(&mut self, name: &'static str, blob: &[u8], path: &Path) -> Result<Key, KeyError>;
 }
@@ -199,30 +277,215 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
 pub fn open_sealer(settings: &KeySettings) -> Result<Box<dyn Sealer>, KeyError> {
     match settings {
         KeySettings::Development { key_file } => Ok(Box::new(DevSealer::open_or_create(key_file)?)),
+        KeySettings::Tpm(t) => Ok(Box::new(tpm::TpmSealer::open(t)?)),
     }
 }
 
-/// Loads the message key (id 1 until rotation exists), generating and sealing it on first start.
-pub fn load_message_keys(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Envelope, KeyError> {
-    let path = state_dir.join("keys").join("message-1.sealed");
-    let key = if path.exists() {
-        let blob = fs::read(&path).map_err(|source| KeyError::ReadKeyFile {
-            path: path.clone(),
+/// The keys of the hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Message,
+    Audit,
+    Disk,
+    Tunnel,
+}
+
+impl KeyKind {
+    pub const ALL: [KeyKind; 4] = [
+        KeyKind::Message,
+        KeyKind::Audit,
+        KeyKind::Disk,
+        KeyKind::Tunnel,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Message => "message",
+            KeyKind::Audit => "audit",
+            KeyKind::Disk => "disk",
+            KeyKind::Tunnel => "tunnel",
+        }
+    }
+
+    /// The command that creates this key.
+    fn hint(self) -> &'static str {
+        match self {
+            KeyKind::Disk => "seal-disk",
+            _ => "init",
+        }
+    }
+}
+
+/// The folder of sealed blobs.
+pub fn keys_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("keys")
+}
+
+fn blob_path(state_dir: &Path, kind: KeyKind, id: u32) -> PathBuf {
+    keys_dir(state_dir).join(format!("{}-{id}.sealed", kind.name()))
+}
+
+/// The sealed ids of `kind`, ascending, with their paths.
+pub fn sealed_ids(state_dir: &Path, kind: KeyKind) -> Result<Vec<(u32, PathBuf)>, KeyError> {
+    let dir = keys_dir(state_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(KeyError::ReadDir { path: dir, source }),
+    };
+    let prefix = format!("{}-", kind.name());
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| KeyError::ReadDir {
+            path: dir.clone(),
             source,
         })?;
-        sealer.unseal("message", &blob, &path)?
-    } else {
-        let key = Key::generate()?;
-        let blob = sealer.seal("message", &key)?;
-        write_private(&path, &blob)?;
-        tracing::info!(
-            key = "message",
-            id = 1,
-            "Generated and sealed a new message key."
-        );
-        key
+        let file = entry.file_name();
+        let Some(id) = file
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".sealed"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        out.push((id, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_blob(path: &Path) -> Result<Vec<u8>, KeyError> {
+    fs::read(path).map_err(|source| KeyError::ReadKeyFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Unseals the blob at `path`.
+pub fn unseal_file(sealer: &mut dyn Sealer, kind: KeyKind, path: &Path) -> Result<Key, KeyError> {
+    let blob = read_blob(path)?;
+    sealer.unseal(kind.name(), &blob, path)
+}
+
+/// Generates key `id` of `kind`, seals it and writes its blob; refuses to overwrite one.
+fn seal_new(
+    sealer: &mut dyn Sealer,
+    state_dir: &Path,
+    kind: KeyKind,
+    id: u32,
+) -> Result<Key, KeyError> {
+    let path = blob_path(state_dir, kind, id);
+    if path.exists() {
+        return Err(KeyError::Write {
+            path,
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
+    }
+    let key = Key::generate()?;
+    let blob = sealer.seal(kind.name(), &key)?;
+    write_private(&path, &blob)?;
+    tracing::info!(key = kind.name(), id, "Generated and sealed a new key.");
+    Ok(key)
+}
+
+/// Generates and seals `kind` when no id of it exists (idempotent). Returns the newest id and
+/// whether it was created now.
+pub fn ensure(
+    sealer: &mut dyn Sealer,
+    state_dir: &Path,
+    kind: KeyKind,
+) -> Result<(u32, bool), KeyError> {
+    match sealed_ids(state_dir, kind)?.last() {
+        Some((id, _)) => Ok((*id, false)),
+        None => {
+            seal_new(sealer, state_dir, kind, 1)?;
+            Ok((1, true))
+        }
+    }
+}
+
+/// Unseals the newest id of `kind`; `Missing` when there is none.
+pub fn load_current(
+    sealer: &mut dyn Sealer,
+    state_dir: &Path,
+    kind: KeyKind,
+) -> Result<(u32, Key), KeyError> {
+    let ids = sealed_ids(state_dir, kind)?;
+    let Some((id, path)) = ids.last() else {
+        return Err(KeyError::Missing {
+            name: kind.name(),
+            hint: kind.hint(),
+        });
     };
-    Envelope::new(vec![(1, key)], 1)
+    Ok((*id, unseal_file(sealer, kind, path)?))
+}
+
+/// Unseals every message key id (generating id 1 on the first start); the newest seals new
+/// records.
+pub fn load_message_keys(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Envelope, KeyError> {
+    ensure(sealer, state_dir, KeyKind::Message)?;
+    let mut keys = Vec::new();
+    for (id, path) in sealed_ids(state_dir, KeyKind::Message)? {
+        keys.push((id, unseal_file(sealer, KeyKind::Message, &path)?));
+    }
+    let current = keys.last().map(|(id, _)| *id).unwrap_or(1);
+    Envelope::new(keys, current)
+}
+
+/// Adds a new id of `kind` (the newest becomes current). Returns it.
+pub fn rotate(sealer: &mut dyn Sealer, state_dir: &Path, kind: KeyKind) -> Result<u32, KeyError> {
+    let next = sealed_ids(state_dir, kind)?
+        .last()
+        .map(|(id, _)| id.saturating_add(1))
+        .unwrap_or(1);
+    seal_new(sealer, state_dir, kind, next)?;
+    Ok(next)
+}
+
+/// The WireGuard public key (base64) of the tunnel key used as an X25519 private key.
+pub fn tunnel_public_key(key: &Key) -> String {
+    use base64::Engine as _;
+    let secret = x25519_dalek::StaticSecret::from(*key.bytes());
+    let public = x25519_dalek::PublicKey::from(&secret);
+    base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
+}
+
+/// The disk key's bytes, for `keys unseal-disk` to write to a pipe.
+pub fn disk_key_bytes(key: &Key) -> &[u8; 32] {
+    key.bytes()
+}
+
+/// One sealed key id as `keys status` shows it (never key bytes).
+#[derive(Debug)]
+pub struct KeyStatus {
+    pub kind: KeyKind,
+    pub id: u32,
+    pub path: PathBuf,
+    /// The sealer's description of what the blob is bound to (PCR set).
+    pub policy: Option<String>,
+    /// `Ok` when it unseals now.
+    pub unseal: Result<(), KeyError>,
+}
+
+/// Every sealed id of every key, each tried for unsealing.
+pub fn status(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Vec<KeyStatus>, KeyError> {
+    let mut out = Vec::new();
+    for kind in KeyKind::ALL {
+        for (id, path) in sealed_ids(state_dir, kind)? {
+            let blob = read_blob(&path);
+            let policy = blob.as_ref().ok().and_then(|b| sealer.blob_policy(b));
+            let unseal = blob.and_then(|b| sealer.unseal(kind.name(), &b, &path).map(drop));
+            out.push(KeyStatus {
+                kind,
+                id,
+                path,
+                policy,
+                unseal,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -251,6 +514,68 @@ mod tests {
             }
         ));
         assert_eq!(format!("{:?}", Key::generate().unwrap()), "Key(redacted)");
+    }
+
+    #[test]
+    fn hierarchy_ensure_is_idempotent_and_rotation_adds_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
+        assert!(matches!(
+            load_current(&mut s, dir.path(), KeyKind::Disk),
+            Err(KeyError::Missing {
+                name: "disk",
+                hint: "seal-disk"
+            })
+        ));
+        assert_eq!(
+            ensure(&mut s, dir.path(), KeyKind::Disk).unwrap(),
+            (1, true)
+        );
+        let (_, d1) = load_current(&mut s, dir.path(), KeyKind::Disk).unwrap();
+        assert_eq!(
+            ensure(&mut s, dir.path(), KeyKind::Disk).unwrap(),
+            (1, false)
+        );
+        let (_, d2) = load_current(&mut s, dir.path(), KeyKind::Disk).unwrap();
+        assert_eq!(d1.bytes(), d2.bytes());
+
+        let env = load_message_keys(&mut s, dir.path()).unwrap();
+        let old = env.seal(1, b"old").unwrap();
+        assert_eq!(rotate(&mut s, dir.path(), KeyKind::Message).unwrap(), 2);
+        let env = load_message_keys(&mut s, dir.path()).unwrap();
+        assert_eq!(env.current_key_id(), 2);
+        let new = env.seal(2, b"new").unwrap();
+        assert_eq!(Envelope::key_id_of(&old), Some(1));
+        assert_eq!(Envelope::key_id_of(&new), Some(2));
+        assert_eq!(&env.open(1, &old).unwrap()[..], b"old");
+        // A blob copied over another key's file does not unseal as that key.
+        fs::copy(
+            blob_path(dir.path(), KeyKind::Disk, 1),
+            blob_path(dir.path(), KeyKind::Audit, 1),
+        )
+        .unwrap();
+        let st = status(&mut s, dir.path()).unwrap();
+        let audit = st.iter().find(|k| k.kind == KeyKind::Audit).unwrap();
+        assert!(audit.unseal.is_err());
+        assert_eq!(st.iter().filter(|k| k.kind == KeyKind::Message).count(), 2);
+    }
+
+    #[test]
+    fn tunnel_public_key_is_x25519_of_the_tunnel_key() {
+        // RFC 7748 section 6.1: Alice's private key and public key.
+        let mut k = Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(
+            &hex::decode("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+                .unwrap(),
+        );
+        use base64::Engine as _;
+        let pubkey = base64::engine::general_purpose::STANDARD
+            .decode(tunnel_public_key(&Key(k)))
+            .unwrap();
+        assert_eq!(
+            hex::encode(pubkey),
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+        );
     }
 
     #[test]

@@ -523,6 +523,65 @@ impl Store {
         Ok(affected)
     }
 
+    /// `keys status` (engine stopped): calls `f` with each message's id and sealed body, in id
+    /// order, within one read transaction.
+    pub fn visit_bodies(&self, mut f: impl FnMut(u64, &[u8])) -> Result<(), StoreError> {
+        let tx = self.db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(MESSAGES).map_err(read_err)?;
+        for row in table.iter().map_err(read_err)? {
+            let (k, v) = row.map_err(read_err)?;
+            if let Some((_, body)) = split_record(v.value()) {
+                f(k.value(), body);
+            }
+        }
+        Ok(())
+    }
+
+    /// `keys rewrap` (engine stopped): calls `f` with each message's id and sealed body, in id
+    /// order; a `Some` answer replaces the body (same length: same format, same plaintext).
+    /// Commits every 256 messages, durably, so memory stays bounded; every record is valid under
+    /// its own key id at all times, so an interrupted pass can simply run again. `f`'s first
+    /// error stops the pass (earlier batches stay committed). Returns the bodies replaced.
+    pub fn rewrite_bodies<E>(
+        &self,
+        mut f: impl FnMut(u64, &[u8]) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<Result<u64, E>, StoreError> {
+        const BATCH: usize = 256;
+        let mut from = 0u64;
+        let mut replaced = 0u64;
+        loop {
+            let mut tx = self.db.begin_write().map_err(write_err)?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
+            let mut seen = 0usize;
+            {
+                let mut table = tx.open_table(MESSAGES).map_err(write_err)?;
+                let mut batch = Vec::new();
+                for row in table.range(from..).map_err(write_err)?.take(BATCH) {
+                    let (k, v) = row.map_err(write_err)?;
+                    let id = k.value();
+                    seen += 1;
+                    from = id.saturating_add(1);
+                    if let Some((meta, body)) = split_record(v.value()) {
+                        match f(id, body) {
+                            Ok(Some(new)) => batch.push((id, make_record(&meta, &new))),
+                            Ok(None) => {}
+                            Err(e) => return Ok(Err(e)),
+                        }
+                    }
+                }
+                for (id, rec) in &batch {
+                    table.insert(*id, rec.as_slice()).map_err(write_err)?;
+                }
+                replaced += batch.len() as u64;
+            }
+            tx.commit().map_err(write_err)?;
+            if seen < BATCH {
+                return Ok(Ok(replaced));
+            }
+        }
+    }
+
     /// Rewrites the file without free space, returning it to the filesystem. Engine stopped.
     pub fn compact(mut self) -> Result<(u64, u64), StoreError> {
         let before = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
