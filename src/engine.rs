@@ -259,28 +259,42 @@ pub async fn run(settings: Settings) -> Result<(), EngineError> {
     for (name, addr) in engine.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "Ready.");
     }
+    // Handlers first: a SIGTERM right after READY must drain, not kill the process.
+    let signals = Signals::install();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("Stopping: no new connections; finishing pending commits and ACKs.");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     engine.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+/// SIGTERM and SIGINT handlers, installed before READY is sent.
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => Signals(None),
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    async fn wait(self) {
+        match self.0 {
+            Some((mut term, mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

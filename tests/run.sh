@@ -15,6 +15,13 @@ command -v socat >/dev/null || need_pkgs+=(socat)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v python3 >/dev/null || need_pkgs+=(python3 python3-venv)
+# TPM 2.0: the tss-esapi crate builds against libtss2-dev through pkg-config (needed before
+# cargo runs clippy below); tests/tpm.rs drives swtpm, swtpm_ioctl and tpm2_pcrextend.
+command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+pkg-config --exists tss2-esys 2>/dev/null || need_pkgs+=(libtss2-dev)
+command -v swtpm >/dev/null || need_pkgs+=(swtpm)
+command -v swtpm_ioctl >/dev/null || need_pkgs+=(swtpm-tools)
+command -v tpm2_pcrextend >/dev/null || need_pkgs+=(tpm2-tools)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "apt-get install ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -31,6 +38,8 @@ if ! "$VENV/bin/python" -c 'import hl7, hl7apy' 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check 'hl7==0.4.5' 'hl7apy==1.3.5'
 fi
 export HL7EDGE_TEST_VENV=$VENV
+# libtss2 logs every failed TPM command to stderr; the tests check hl7edge's own errors.
+export TSS2_LOG=all+NONE
 
 # --- Rust checks and tests --------------------------------------------------------------------
 step "cargo fmt --check"
