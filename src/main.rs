@@ -99,6 +99,9 @@ enum KeysCommand {
     },
     /// Re-encrypt every stored record under the newest message key (engine stopped).
     Rewrap,
+    /// Seal every key again under the configured PCR set and the current PCR values (after
+    /// changing `pcrs`, in the expected boot state). Every key must unseal first.
+    Reseal,
     /// Generate and seal the LUKS2 data partition's key when missing; idempotent.
     SealDisk,
     /// Write the disk key to stdout for `cryptsetup open --key-file=-`; refused on a terminal.
@@ -330,6 +333,11 @@ fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
             let id = keys::rotate(sealer, state, KeyKind::Message).map_err(key_fail)?;
             println!("message-{id}\tgenerated and sealed; new records use it after the engine restarts; old records stay readable (`hl7edge keys rewrap` re-encrypts them)");
         }
+        KeysCommand::Reseal => {
+            for name in keys::reseal(sealer, state).map_err(key_fail)? {
+                println!("{name}\tre-sealed");
+            }
+        }
         KeysCommand::Rewrap => {
             let envelope = keys::load_message_keys(sealer, state).map_err(key_fail)?;
             let current = envelope.current_key_id();
@@ -363,7 +371,10 @@ fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
                             .map_err(fail)?;
                         Some(per_key)
                     }
-                    Err(_) => None,
+                    Err(e) => {
+                        eprintln!("hl7edge: records per key unknown: {e}");
+                        None
+                    }
                 }
             };
             let mut failed = false;
@@ -403,7 +414,9 @@ fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
                 }
             }
             match &records {
-                None => println!("records\tunknown: the store is in use by the running engine"),
+                None => println!(
+                    "records\tunknown: the store cannot be opened (in use by the running engine?)"
+                ),
                 Some(r) => {
                     let known: std::collections::BTreeSet<u32> = list
                         .iter()

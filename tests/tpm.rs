@@ -104,11 +104,11 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
-    /// Extends PCR 7 (sha256) with tpm2-tools, as a changed boot chain would.
-    fn extend_pcr7(&self) {
+    /// Extends a PCR (sha256) with tpm2-tools, as a changed boot chain would.
+    fn extend_pcr(&self, pcr: u8) {
         let out = Command::new("tpm2_pcrextend")
             .args(["-T", &self.tcti()])
-            .arg(format!("7:sha256={}", "ab".repeat(32)))
+            .arg(format!("{pcr}:sha256={}", "ab".repeat(32)))
             .env("TSS2_LOG", "all+NONE")
             .output()
             .expect("tpm2_pcrextend (apt-get install tpm2-tools)");
@@ -237,6 +237,23 @@ fn keys_seal_in_the_tpm_unseal_after_its_restart_and_the_engine_starts() {
     }
     let pubkey = keys_ok(&inst, &["tunnel-pubkey"]);
     assert_eq!(pubkey.trim().len(), 44, "{pubkey}");
+    // The disk key goes to a pipe only: on a terminal (script(1) gives it one) it is refused.
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{BIN} keys unseal-disk --config {}",
+            inst.config.display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("refusing to write the disk key to a terminal"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     inst.start();
     let ack = send_plain(inst.plain_addr(), &adt("TPM1", "DOE")).unwrap();
@@ -260,7 +277,7 @@ fn changed_pcr7_refuses_start_with_exit_71_naming_the_message_key_and_pcr_7() {
     let tpm = Swtpm::start(&tmp.path().join("tpm"));
     let inst = tpm_instance(&tpm, "");
     keys_ok(&inst, &["init"]);
-    tpm.extend_pcr7();
+    tpm.extend_pcr(7);
 
     let (code, err) = run_refused(&inst);
     assert_eq!(code, 71, "{err}");
@@ -494,4 +511,31 @@ fn rotation_keeps_old_records_deliverable_and_rewrap_leaves_none_under_the_old_k
     assert_eq!(first_occurrences(&up.received()), sent);
     assert_eq!(inst.stop(), Some(0));
     assert_eq!(inst.stored_control_ids(), sent);
+}
+
+#[test]
+fn reseal_moves_every_key_to_a_new_pcr_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&tmp.path().join("tpm"));
+    let inst = tpm_instance(&tpm, "");
+    keys_ok(&inst, &["init"]);
+    let pubkey = keys_ok(&inst, &["tunnel-pubkey"]);
+    let text = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(&inst.config, text.replace("pcrs = [7]", "pcrs = [0, 7]")).unwrap();
+    let out = keys_ok(&inst, &["reseal"]);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    let st = keys_ok(&inst, &["status"]);
+    assert!(st.contains("policy PCR sha256:0,7"), "{st}");
+    for k in ["message-1", "audit-1", "disk-1", "tunnel-1"] {
+        assert!(status_line(&st, k).contains("pcrs=sha256:0,7"), "{st}");
+    }
+    // Same keys, new policy: PCR 0 now matters too.
+    assert_eq!(keys_ok(&inst, &["tunnel-pubkey"]), pubkey);
+    tpm.extend_pcr(0);
+    let (code, err) = run_refused(&inst);
+    assert_eq!(code, 71, "{err}");
+    assert!(
+        err.contains("message key") && err.contains("PCR 0 (sha256)"),
+        "{err}"
+    );
 }

@@ -140,7 +140,10 @@ impl KeyError {
     /// Whether this error means a key that exists cannot be obtained: TPM absent or refusing,
     /// PCR mismatch, corrupt or foreign blob, wrong key file (exit code 71 at start).
     pub fn is_unseal_failure(&self) -> bool {
-        !matches!(self, KeyError::Write { .. } | KeyError::Random(_))
+        !matches!(
+            self,
+            KeyError::Write { .. } | KeyError::Random(_) | KeyError::Missing { .. }
+        )
     }
 }
 
@@ -441,6 +444,27 @@ pub fn rotate(sealer: &mut dyn Sealer, state_dir: &Path, kind: KeyKind) -> Resul
         .unwrap_or(1);
     seal_new(sealer, state_dir, kind, next)?;
     Ok(next)
+}
+
+/// Unseals every blob and seals it again under the sealer's current policy (the configured PCR
+/// set and the current PCR values), replacing each file atomically. Nothing is written unless
+/// every key unseals first. Returns the names of the blobs rewritten.
+pub fn reseal(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Vec<String>, KeyError> {
+    let mut keys = Vec::new();
+    for kind in KeyKind::ALL {
+        for (id, path) in sealed_ids(state_dir, kind)? {
+            let key = unseal_file(sealer, kind, &path)?;
+            keys.push((kind, id, path, key));
+        }
+    }
+    let mut done = Vec::new();
+    for (kind, id, path, key) in keys {
+        let blob = sealer.seal(kind.name(), &key)?;
+        write_private(&path, &blob)?;
+        tracing::info!(key = kind.name(), id, "Re-sealed a key.");
+        done.push(format!("{}-{id}", kind.name()));
+    }
+    Ok(done)
 }
 
 /// The WireGuard public key (base64) of the tunnel key used as an X25519 private key.
