@@ -539,3 +539,73 @@ fn reseal_moves_every_key_to_a_new_pcr_set() {
         "{err}"
     );
 }
+
+#[test]
+fn a_persistent_srk_is_used_when_configured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&tmp.path().join("tpm"));
+    let ctx = tmp.path().join("srk.ctx");
+    for args in [
+        vec!["tpm2_createprimary", "-C", "o", "-G", "ecc", "-c"],
+        vec!["tpm2_evictcontrol", "-C", "o", "-c"],
+    ] {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]).arg(&ctx).args(["-T", &tpm.tcti()]);
+        if args[0] == "tpm2_evictcontrol" {
+            cmd.arg("0x81000001");
+        }
+        let out = cmd.env("TSS2_LOG", "all+NONE").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // swtpm has no resource manager: drop tpm2-tools' transient copies.
+    let out = Command::new("tpm2_flushcontext")
+        .args(["-t", "-T", &tpm.tcti()])
+        .env("TSS2_LOG", "all+NONE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut inst = tpm_instance(&tpm, "");
+    let text = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(
+        &inst.config,
+        text.replace("pcrs = [7]\n", "pcrs = [7]\nsrk_handle = 0x81000001\n"),
+    )
+    .unwrap();
+    keys_ok(&inst, &["init"]);
+    let st = keys_ok(&inst, &["status"]);
+    assert!(st.contains("storage key 0x81000001"), "{st}");
+    assert!(status_line(&st, "message-1").contains("\tunseals"), "{st}");
+    inst.start();
+    assert_eq!(inst.stop(), Some(0));
+    // Blobs sealed under the SRK do not load under the derived primary.
+    std::fs::write(&inst.config, text).unwrap();
+    let (code, err) = run_refused(&inst);
+    assert_eq!(code, 71, "{err}");
+    assert!(
+        err.contains("message key") && err.contains("0x81000001"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_development_sealer_warns_at_every_start() {
+    let mut inst = Instance::new("", "");
+    for _ in 0..2 {
+        inst.start();
+        assert_eq!(inst.stop(), Some(0));
+    }
+    assert_eq!(
+        inst.log().matches("Development key sealer").count(),
+        2,
+        "{}",
+        inst.log()
+    );
+}
