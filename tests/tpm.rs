@@ -609,3 +609,28 @@ fn the_development_sealer_warns_at_every_start() {
         inst.log()
     );
 }
+
+#[test]
+fn tpm_config_without_pcrs_is_refused_with_exit_64_naming_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("hl7edge.toml");
+    std::fs::write(
+        &config,
+        "[engine]\nstate_dir = \"/nonexistent\"\n[keys]\nprovider = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
+    )
+    .unwrap();
+    for cmd in [&["check-config"][..], &["run"], &["keys", "status"]] {
+        let out = Command::new(BIN)
+            .args(cmd)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd:?}: {err}");
+        assert!(
+            err.contains(&config.display().to_string()) && err.contains("keys.pcrs"),
+            "{cmd:?}: {err}"
+        );
+    }
+}
