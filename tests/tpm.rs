@@ -372,7 +372,18 @@ fn no_phi_canary_and_no_disk_key_bytes_in_any_file_the_engine_wrote() {
     );
     let mut canaries = Vec::new();
     let mut conn = MllpConn::connect(inst.plain_addr());
-    for i in 0..5 {
+    for i in 0..7 {
+        if i == 5 {
+            // The last two arrive at an engine that is then killed: their frames stay in the
+            // write-ahead log, which the scan reads too.
+            drop(conn);
+            wait_for(&inst, "5 messages at the upstream", 30, || {
+                (ids_with(&up.received(), "AA").len() >= 5).then_some(())
+            });
+            assert_eq!(inst.stop(), Some(0));
+            inst.start();
+            conn = MllpConn::connect(inst.plain_addr());
+        }
         let (mrn, name, obx) = (
             format!("MRNCANARY{tag}X{i}"),
             format!("NAMECANARY{tag}X{i}"),
@@ -389,10 +400,7 @@ fn no_phi_canary_and_no_disk_key_bytes_in_any_file_the_engine_wrote() {
         canaries.extend([mrn, name, obx]);
     }
     drop(conn);
-    wait_for(&inst, "5 messages at the upstream", 30, || {
-        (ids_with(&up.received(), "AA").len() >= 5).then_some(())
-    });
-    assert_eq!(inst.stop(), Some(0));
+    inst.kill9();
 
     // The disk key, as cryptsetup would get it (stdout is a pipe here).
     let out = inst.cli(&["keys", "unseal-disk"]);
@@ -419,6 +427,7 @@ fn no_phi_canary_and_no_disk_key_bytes_in_any_file_the_engine_wrote() {
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     for want in [
         "hl7edge.redb",
+        ".wal",
         "engine.log",
         "keys/disk-1.sealed",
         "hl7edge.toml",
