@@ -27,9 +27,28 @@ pub fn harden_process() {
 }
 
 /// Locks every current and future page in RAM (mlockall(MCL_CURRENT | MCL_FUTURE)), so key
-/// material is never swapped out. Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; the
-/// caller warns when it is not permitted.
-pub fn lock_memory() -> Result<(), nix::Error> {
+/// material is never swapped out. Only with CAP_IPC_LOCK or an unlimited RLIMIT_MEMLOCK: under a
+/// finite limit MCL_FUTURE would make every allocation past it fail, a crash waiting to happen.
+/// The caller warns when memory is not locked.
+pub fn lock_memory() -> Result<(), String> {
     use nix::sys::mman::{mlockall, MlockAllFlags};
-    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let unlimited =
+        getrlimit(Resource::RLIMIT_MEMLOCK).is_ok_and(|(soft, _)| soft == RLIM_INFINITY);
+    if !unlimited && !has_cap_ipc_lock() {
+        return Err("RLIMIT_MEMLOCK is finite and CAP_IPC_LOCK is absent".into());
+    }
+    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE).map_err(|e| e.to_string())
+}
+
+/// Whether CAP_IPC_LOCK (bit 14) is in this process's effective capability set.
+fn has_cap_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0)
 }

@@ -269,7 +269,7 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
 /// Keeps key pages out of swap: mlockall(MCL_CURRENT | MCL_FUTURE) when permitted.
 fn lock_memory() {
     if let Err(e) = hl7edge::lock_memory() {
-        tracing::warn!(error = %e, "Cannot lock memory (mlockall): key pages may be swapped out. Grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK.");
+        tracing::warn!(reason = %e, "Memory not locked (mlockall): key pages could be swapped out where swap exists. Grant CAP_IPC_LOCK or LimitMEMLOCK=infinity.");
     }
 }
 
