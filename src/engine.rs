@@ -1,6 +1,7 @@
 //! Start-up and shutdown of the engine: keys, store, listeners, readiness, drain.
 //!
-//! Order: unseal keys (no fallback, promise 7) -> open the store -> start the writer -> build
+//! Order: open the store (its log replays without keys) -> unseal keys (no fallback, promise
+//! 7; a lost message key is never replaced while records need it) -> start the writer -> build
 //! every destination's TLS client -> bind every listener, the control socket and the metrics
 //! listener (any error stops start-up before anything is accepted) -> accept and forward -> READY.
 //! Shutdown: stop accepting, let connections finish the message in hand within the grace
@@ -54,6 +55,8 @@ pub struct Engine {
     pub counters: Arc<Counters>,
     addrs: Vec<(String, SocketAddr)>,
     shutdown: watch::Sender<bool>,
+    /// Turned true when the grace period is over: open connections are closed.
+    abort: watch::Sender<bool>,
     alive_rx: mpsc::Receiver<()>,
     writer: std::thread::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -74,10 +77,15 @@ impl Engine {
         ) {
             tracing::warn!(sealer = %sealer.describe(), "Development key sealer: keys are wrapped under a file on this disk, not sealed in a TPM. Not for production.");
         }
+        // The store opens first (its log replays without keys): whether it holds records
+        // decides whether a missing message key may be generated.
+        let store = Store::open(&settings.store)?;
+        tracing::info!(path = %store.path().display(), "Store open.");
         tracing::info!(sealer = %sealer.describe(), "Unsealing keys.");
-        let envelope = Arc::new(keys::load_message_keys(
+        let envelope = Arc::new(keys::load_message_keys_for_store(
             sealer.as_mut(),
             &settings.state_dir,
+            store.has_records()?,
         )?);
         // The audit key (tokens, audit checkpoints): generated on the first start like the
         // message key, unsealed at every start so a wrong boot state stops start-up here.
@@ -92,8 +100,6 @@ impl Engine {
             current = envelope.current_key_id(),
             "Keys unsealed."
         );
-        let store = Store::open(&settings.store)?;
-        tracing::info!(path = %store.path().display(), "Store open.");
         let dest_names: Vec<String> = settings
             .destinations
             .iter()
@@ -154,6 +160,7 @@ impl Engine {
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (abort, abort_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for ((d, tls), status) in settings
             .destinations
@@ -194,13 +201,19 @@ impl Engine {
             if let Some(a) = b.local_addr() {
                 addrs.push((b.name().to_string(), a));
             }
-            tokio::spawn(listen::accept_loop(b, shutdown_rx.clone(), alive.clone()));
+            tokio::spawn(listen::accept_loop(
+                b,
+                shutdown_rx.clone(),
+                abort_rx.clone(),
+                alive.clone(),
+            ));
         }
         let writer = running.join;
         Ok(Engine {
             counters,
             addrs,
             shutdown,
+            abort,
             alive_rx,
             writer,
             tasks,
@@ -239,6 +252,9 @@ impl Engine {
             .is_err()
         {
             tracing::warn!(grace = ?self.grace, "Connections still open after the grace period; closing them.");
+            let _ = self.abort.send(true);
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), self.alive_rx.recv()).await;
         }
         // Forwarders, the control socket and metrics stop on the same signal.
         for t in self.tasks {

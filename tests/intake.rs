@@ -375,3 +375,104 @@ fn connections_over_the_listener_limit_are_closed_without_affecting_others() {
     let ids = inst.stored_control_ids();
     assert!(ids.contains(&"LIMIT3".to_string()) && !ids.contains(&"LIMIT2".to_string()));
 }
+
+/// Waits up to `secs` for `child` to exit; kills it and returns `None` when it does not.
+fn wait_exit(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    for _ in 0..secs * 10 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn sigterm_closes_a_connection_stuck_in_its_handshake_after_the_grace_period() {
+    let mut inst = Instance::new("", "");
+    // The TLS listener waits a whole hour for a handshake: without the grace period's end
+    // closing it, SIGTERM would wait that long.
+    let text = std::fs::read_to_string(&inst.config).unwrap().replace(
+        "max_message_size = 65536\n\n[listener.tls]",
+        "max_message_size = 65536\nidle_timeout = \"1h\"\n\n[listener.tls]",
+    );
+    std::fs::write(&inst.config, text).unwrap();
+    inst.start();
+    // A client that connects and never says a word.
+    let silent = TcpStream::connect(("127.0.0.1", inst.mllps_port)).unwrap();
+    // The same listener still serves others meanwhile.
+    let (_, out) = openssl(&inst, &[], true, &frame(adt("GRACE1", "X").as_bytes()));
+    assert!(out.contains("MSA|AA|GRACE1"), "openssl got: {out:?}");
+    let pid = nix::unistd::Pid::from_raw(inst.pid() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let status = std::thread::scope(|scope| {
+        scope.spawn(|| tx.send(inst.stop()));
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(code) => code,
+            Err(_) => {
+                // Still running a minute after SIGTERM: end it so the test can report.
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                None
+            }
+        }
+    });
+    drop(silent);
+    assert_eq!(
+        status,
+        Some(0),
+        "SIGTERM must end the engine (exit 0) once the grace period is over\n{}",
+        inst.log()
+    );
+    assert!(
+        inst.log()
+            .contains("still open when the shutdown grace period ended"),
+        "{}",
+        inst.log()
+    );
+}
+
+#[test]
+fn a_lost_message_key_refuses_start_instead_of_making_stored_messages_unreadable() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    assert_eq!(
+        ack_code(&send_plain(inst.plain_addr(), &adt("LOSTKEY1", "X")).unwrap()),
+        Some("AA".into())
+    );
+    assert_eq!(inst.stop(), Some(0));
+    let keys = inst.dir.path().join("state/keys");
+    let mut removed = 0;
+    for e in std::fs::read_dir(&keys).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("message-")
+        {
+            std::fs::remove_file(p).unwrap();
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 1);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&inst.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child, 30).expect("the engine must refuse to start");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(71), "{err}");
+    assert!(err.contains("lost or replaced"), "{err}");
+    let regenerated = std::fs::read_dir(&keys).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("message-")
+    });
+    assert!(!regenerated, "no new message key may be generated");
+}

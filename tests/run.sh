@@ -22,6 +22,8 @@ pkg-config --exists tss2-esys 2>/dev/null || need_pkgs+=(libtss2-dev)
 command -v swtpm >/dev/null || need_pkgs+=(swtpm)
 command -v swtpm_ioctl >/dev/null || need_pkgs+=(swtpm-tools)
 command -v tpm2_pcrextend >/dev/null || need_pkgs+=(tpm2-tools)
+# systemd-analyze verifies the unit file below.
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "apt-get install ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -42,6 +44,12 @@ export HL7EDGE_TEST_VENV=$VENV
 export TSS2_LOG=all+NONE
 
 # --- Rust checks and tests --------------------------------------------------------------------
+if command -v rustup >/dev/null; then
+  for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" \
+      || rustup component add "$component"
+  done
+fi
 step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy --all-targets -- -D warnings"
@@ -58,7 +66,7 @@ if command -v systemd-analyze >/dev/null; then
   systemd-analyze verify "$unit_dir/hl7edge.service"
   rm -rf "$unit_dir"
 else
-  echo "systemd-analyze missing: install systemd" >&2; exit 1
+  echo "systemd-analyze missing after installing systemd" >&2; exit 1
 fi
 
 # --- fuzz smoke run ---------------------------------------------------------------------------

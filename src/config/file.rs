@@ -559,6 +559,17 @@ impl FileConfig {
             .filter(|c| (1 << 20..=1 << 40).contains(c))
             .ok_or_else(|| cx.err("store.cache", "must be a size from 1MiB to 1TiB"))?
             as usize;
+        for (k, v) in [
+            ("store.retention", self.store.retention),
+            (
+                "store.dead_letter_retention",
+                self.store.dead_letter_retention,
+            ),
+        ] {
+            if v < Duration::from_secs(1) {
+                return Err(cx.err(k, "must be at least 1s"));
+            }
+        }
         let store = StoreSettings {
             path: anchor(&state_dir, &self.store.path),
             dedup_window: self.store.dedup_window,
@@ -599,8 +610,8 @@ impl FileConfig {
                     return Err(cx.err(key("interface"), "not a valid interface name"));
                 }
             }
-            if l.max_connections == 0 {
-                return Err(cx.err(key("max_connections"), "must be at least 1"));
+            if !(1..=65_536).contains(&l.max_connections) {
+                return Err(cx.err(key("max_connections"), "must be from 1 to 65536"));
             }
             if l.max_message_size == 0 {
                 return Err(cx.err(key("max_message_size"), "must be at least 1"));
@@ -802,6 +813,20 @@ fn validate_destinations(
         ] {
             if v.is_zero() {
                 return Err(cx.err(key(k), "must be more than zero"));
+            }
+        }
+        // Above a day a "retry" is an outage nobody is told about; also keeps the backoff
+        // arithmetic far from Duration's limits.
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (k, v) in [
+            ("connect_timeout", d.connect_timeout),
+            ("write_timeout", d.write_timeout),
+            ("ack_timeout", d.ack_timeout),
+            ("retry_initial", d.retry_initial),
+            ("retry_max", d.retry_max),
+        ] {
+            if v > DAY {
+                return Err(cx.err(key(k), "must be at most 24h"));
             }
         }
         if d.retry_max < d.retry_initial {

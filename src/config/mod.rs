@@ -439,5 +439,14 @@ mod tests {
         assert!(e.contains("address"), "{e}");
         let e = err(&format!("{KEYS}{l}max_message_size = 0\n"));
         assert!(e.contains("listener[0].max_message_size"), "{e}");
+        // Above tokio's semaphore limit the listener would panic after READY.
+        let e = err(&format!("{KEYS}{l}max_connections = 4611686018427387904\n"));
+        assert!(e.contains("listener[0].max_connections"), "{e}");
+        let e = err(&format!("{KEYS}[store]\ndead_letter_retention = \"0s\"\n"));
+        assert!(e.contains("store.dead_letter_retention"), "{e}");
+        let d = "[[destination]]\nname = \"h\"\nkind = \"mllp\"\naddress = \"127.0.0.1:1\"\n\
+                 danger_plaintext = true\n";
+        let e = err(&format!("{KEYS}{d}retry_max = \"1000days\"\n"));
+        assert!(e.contains("destination[0].retry_max"), "{e}");
     }
 }

@@ -496,7 +496,8 @@ pub fn backoff_delay(b: &Backoff, n: u32) -> Duration {
     } else {
         0.5
     };
-    Duration::from_secs_f64(capped / 2.0 + capped / 2.0 * unit)
+    // The config bounds retry_max to a day; try_from also refuses NaN and infinity.
+    Duration::try_from_secs_f64(capped / 2.0 + capped / 2.0 * unit).unwrap_or(b.max)
 }
 
 /// Waits `d`; true when shutdown came first.

@@ -123,6 +123,8 @@ pub enum KeyError {
         name: &'static str,
         hint: &'static str,
     },
+    #[error("the store holds messages sealed under a {name} key, but no {name} key blob is in {dir}: the keys folder was lost or replaced; restore it (a new key would leave every stored message unreadable)")]
+    LostForRecords { name: &'static str, dir: PathBuf },
     #[error("cannot read the keys folder {path}: {source}")]
     ReadDir {
         path: PathBuf,
@@ -428,6 +430,26 @@ pub fn load_current(
 /// records.
 pub fn load_message_keys(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Envelope, KeyError> {
     ensure(sealer, state_dir, KeyKind::Message)?;
+    open_message_keys(sealer, state_dir)
+}
+
+/// Like [`load_message_keys`] for a store that already holds records: a missing key is never
+/// generated anew (it would leave them unreadable); the start is refused instead.
+pub fn load_message_keys_for_store(
+    sealer: &mut dyn Sealer,
+    state_dir: &Path,
+    store_has_records: bool,
+) -> Result<Envelope, KeyError> {
+    if store_has_records && sealed_ids(state_dir, KeyKind::Message)?.is_empty() {
+        return Err(KeyError::LostForRecords {
+            name: KeyKind::Message.name(),
+            dir: keys_dir(state_dir),
+        });
+    }
+    load_message_keys(sealer, state_dir)
+}
+
+fn open_message_keys(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Envelope, KeyError> {
     let mut keys = Vec::new();
     for (id, path) in sealed_ids(state_dir, KeyKind::Message)? {
         keys.push((id, unseal_file(sealer, KeyKind::Message, &path)?));

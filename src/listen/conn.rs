@@ -82,8 +82,20 @@ pub async fn serve<S>(
                 }
             };
             if let Some(reply) = reply {
-                if stream.write_all(&reply).await.is_err() || stream.flush().await.is_err() {
-                    break 'conn;
+                // A peer that does not read its ACKs must not hold the connection (and the
+                // engine's shutdown) forever.
+                let write = async {
+                    stream.write_all(&reply).await?;
+                    stream.flush().await
+                };
+                match tokio::time::timeout(s.idle_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break 'conn,
+                    Err(_) => {
+                        add(&counters.connections_idle_closed, 1);
+                        tracing::warn!(listener = %s.name, peer = %peer, idle_timeout = ?s.idle_timeout, "Peer does not read its acknowledgements: connection closed.");
+                        break 'conn;
+                    }
                 }
             }
             if matches!(next, Next::Close) {

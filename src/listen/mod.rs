@@ -104,10 +104,13 @@ pub fn bind(shared: Shared) -> Result<Bound, ListenError> {
 }
 
 /// Accepts connections until `shutdown` turns true. Every connection task holds a clone of
-/// `alive`; the engine waits for all of them to drop at shutdown.
+/// `alive`; the engine waits for all of them to drop at shutdown, and turns `abort` true when
+/// its grace period is over: connections still open then are closed where they stand (a
+/// message whose ACK was not sent is sent again by its sender).
 pub async fn accept_loop(
     bound: Bound,
     mut shutdown: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
     let Bound {
@@ -152,55 +155,73 @@ pub async fn accept_loop(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         let alive = alive.clone();
+        let mut abort = abort.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _alive = alive;
-            match tls {
-                None => conn::serve(stream, peer.to_string(), &shared, shutdown).await,
-                Some(acceptor) => {
-                    let hs =
-                        tokio::time::timeout(shared.settings.idle_timeout, acceptor.accept(stream))
-                            .await;
-                    let tls_stream = match hs {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            add(&shared.counters.tls_handshake_failures, 1);
-                            tracing::warn!(listener = %shared.settings.name, peer = %peer, error = %e, "TLS handshake failed.");
-                            return;
-                        }
-                        Err(_) => {
-                            add(&shared.counters.tls_handshake_failures, 1);
-                            tracing::warn!(listener = %shared.settings.name, peer = %peer, "TLS handshake timed out.");
-                            return;
-                        }
-                    };
-                    let ids = tls_stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(tls::identities)
-                        .unwrap_or_default();
-                    let allowed = shared
-                        .settings
-                        .tls
-                        .as_ref()
-                        .map(|t| tls::client_allowed(&t.allowed_clients, &ids))
-                        .unwrap_or(true);
-                    if !allowed {
-                        add(&shared.counters.tls_client_not_allowed, 1);
-                        tracing::warn!(listener = %shared.settings.name, peer = %peer, client = ?ids,
-                            "TLS client refused: identity not in allowed_clients.");
-                        return;
-                    }
-                    let who = match ids.first() {
-                        Some(id) => format!("{peer} ({id})"),
-                        None => peer.to_string(),
-                    };
-                    conn::serve(tls_stream, who, &shared, shutdown).await
+            let name = shared.settings.name.clone();
+            tokio::select! {
+                () = serve_one(stream, peer, tls, shared, shutdown) => {}
+                _ = abort.wait_for(|a| *a) => {
+                    tracing::warn!(listener = %name, peer = %peer, "Connection closed: still open when the shutdown grace period ended.");
                 }
             }
         });
     }
     tracing::info!(listener = %name, "Stopped accepting.");
+}
+
+/// One accepted connection: the TLS handshake and client allow-list when it is `mllps`, then
+/// the MLLP conversation.
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    match tls {
+        None => conn::serve(stream, peer.to_string(), &shared, shutdown).await,
+        Some(acceptor) => {
+            let hs =
+                tokio::time::timeout(shared.settings.idle_timeout, acceptor.accept(stream)).await;
+            let tls_stream = match hs {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    add(&shared.counters.tls_handshake_failures, 1);
+                    tracing::warn!(listener = %shared.settings.name, peer = %peer, error = %e, "TLS handshake failed.");
+                    return;
+                }
+                Err(_) => {
+                    add(&shared.counters.tls_handshake_failures, 1);
+                    tracing::warn!(listener = %shared.settings.name, peer = %peer, "TLS handshake timed out.");
+                    return;
+                }
+            };
+            let ids = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(tls::identities)
+                .unwrap_or_default();
+            let allowed = shared
+                .settings
+                .tls
+                .as_ref()
+                .map(|t| tls::client_allowed(&t.allowed_clients, &ids))
+                .unwrap_or(true);
+            if !allowed {
+                add(&shared.counters.tls_client_not_allowed, 1);
+                tracing::warn!(listener = %shared.settings.name, peer = %peer, client = ?ids,
+                            "TLS client refused: identity not in allowed_clients.");
+                return;
+            }
+            let who = match ids.first() {
+                Some(id) => format!("{peer} ({id})"),
+                None => peer.to_string(),
+            };
+            conn::serve(tls_stream, who, &shared, shutdown).await
+        }
+    }
 }

@@ -104,6 +104,9 @@ pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
         .filter_map(|cn| cn.as_str().ok())
         .map(|cn| format!("CN={cn}"))
         .collect();
+    // The whole subject, RDNs in certificate order as `openssl x509 -subject -nameopt
+    // RFC2253`-style text: `SUBJECT:CN=ehr01, O=Clinic`.
+    out.push(format!("SUBJECT:{}", x509.subject()));
     if let Ok(Some(san)) = x509.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
@@ -133,4 +136,34 @@ pub fn client_allowed(allowed: &[String], ids: &[String]) -> bool {
         || allowed
             .iter()
             .any(|a| ids.iter().any(|i| i.eq_ignore_ascii_case(a)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn identities_name_cn_whole_subject_and_sans() {
+        let mut p = rcgen::CertificateParams::new(vec!["lab.clinic.example".into()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "ehr01");
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Clinic");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let ids = identities(cert.der());
+        assert!(ids.contains(&"CN=ehr01".to_string()), "{ids:?}");
+        assert!(
+            ids.contains(&"DNS:lab.clinic.example".to_string()),
+            "{ids:?}"
+        );
+        let subject = ids.iter().find(|i| i.starts_with("SUBJECT:")).unwrap();
+        assert!(
+            subject.contains("CN=ehr01") && subject.contains("O=Clinic"),
+            "{subject}"
+        );
+        assert!(client_allowed(std::slice::from_ref(subject), &ids));
+        assert!(!client_allowed(&["SUBJECT:CN=ehr01, O=Other".into()], &ids));
+    }
 }

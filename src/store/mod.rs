@@ -481,6 +481,11 @@ impl Store {
         &self.path
     }
 
+    /// Whether any message was ever stored here (ids are never reused).
+    pub fn has_records(&self) -> Result<bool, StoreError> {
+        Ok(self.next_id()? > 1)
+    }
+
     /// The first id not yet used by a message or a queue seq.
     fn next_id(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(read_err)?;

@@ -119,33 +119,56 @@ fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Reads every whole, intact frame of every segment in `dir`, in order. Returns the records and
-/// whether the log ended cleanly (false: a torn or corrupt frame stopped the replay).
+/// whether the log ended cleanly (false: a segment ended in a torn frame, a crash or a failed
+/// append mid-write, which was never acknowledged).
+///
+/// A bad frame with more bytes after it in its segment is not a torn tail: frames after it may
+/// have been acknowledged, so replay refuses (`InvalidData`, naming segment and offset) rather
+/// than drop them silently. The operator decides what to do with the segment.
 pub fn replay(dir: &Path) -> io::Result<(Vec<WalRecord>, bool)> {
     let mut out = Vec::new();
+    let mut clean = true;
     for path in list_segments(dir)? {
         let mut bytes = Vec::new();
         File::open(&path)?.read_to_end(&mut bytes)?;
         let mut pos = 0usize;
         while pos < bytes.len() {
             let Some(head) = bytes.get(pos..pos + FRAME_HEADER) else {
-                return Ok((out, false));
+                clean = false;
+                break;
             };
             let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
             let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-            let Some(payload) = bytes.get(pos + FRAME_HEADER..pos + FRAME_HEADER + len) else {
-                return Ok((out, false));
+            let end = pos + FRAME_HEADER + len;
+            let Some(payload) = bytes.get(pos + FRAME_HEADER..end) else {
+                clean = false;
+                break;
             };
-            if crc32fast::hash(payload) != crc {
-                return Ok((out, false));
-            }
-            match WalRecord::decode(payload) {
+            let record = (crc32fast::hash(payload) == crc)
+                .then(|| WalRecord::decode(payload))
+                .flatten();
+            match record {
                 Some(r) => out.push(r),
-                None => return Ok((out, false)),
+                None if end >= bytes.len() => {
+                    clean = false;
+                    break;
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: corrupt frame at byte {pos} with {} bytes of frames after it; \
+                             refusing to drop them (move the segment aside to start without it)",
+                            path.display(),
+                            bytes.len() - end
+                        ),
+                    ))
+                }
             }
-            pos += FRAME_HEADER + len;
+            pos = end;
         }
     }
-    Ok((out, true))
+    Ok((out, clean))
 }
 
 /// Deletes every segment in `dir` (after a replay made them durable in redb).
@@ -291,13 +314,47 @@ mod tests {
         let (records, clean) = replay(&wal_dir).unwrap();
         assert!(!clean);
         assert_eq!(records.len(), 2);
-        // A flipped byte is caught by the CRC.
+        // A flipped byte in the last whole frame is caught by the CRC: a torn tail.
+        let frame = (len / 3) as usize;
         let mut bytes = fs::read(&seg).unwrap();
+        bytes.truncate(2 * frame);
+        let second = frame + FRAME_HEADER + 3;
+        bytes[second] ^= 1;
+        fs::write(&seg, &bytes).unwrap();
+        let (records, clean) = replay(&wal_dir).unwrap();
+        assert!(!clean);
+        assert_eq!(records.len(), 1);
+        // A corrupt frame with frames after it is refused, not silently dropped.
+        bytes[second] ^= 1;
         bytes[FRAME_HEADER + 3] ^= 1;
-        fs::write(&seg, bytes).unwrap();
-        assert_eq!(replay(&wal_dir).unwrap().0.len(), 0);
+        fs::write(&seg, &bytes).unwrap();
+        let Err(err) = replay(&wal_dir) else {
+            panic!("a corrupt frame before others must be refused")
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("corrupt frame at byte 0"), "{err}");
         clear(&wal_dir).unwrap();
         assert!(list_segments(&wal_dir).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_torn_segment_does_not_hide_later_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), 1).unwrap();
+        wal.append(&[rec(1), rec(2)]).unwrap();
+        // A failed append that could not be cut back leaves a torn frame, then a new segment.
+        let seg = list_segments(dir.path()).unwrap().remove(0);
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&[0, 0, 1, 0, 1, 2])
+            .unwrap();
+        wal.rotate(3).unwrap();
+        wal.append(&[rec(3)]).unwrap();
+        let (records, clean) = replay(dir.path()).unwrap();
+        assert!(!clean);
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[test]
