@@ -26,18 +26,43 @@ use crate::store::{
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Dead { destination: Option<String> },
+    Dead {
+        destination: Option<String>,
+    },
     Replay(Selector),
     Discard(Selector),
+    /// Audit records after `after`, at most `limit` (raw stored values, base64).
+    AuditPage {
+        after: u64,
+        limit: usize,
+    },
+    /// Checkpoints from seq `from`, at most `limit`.
+    AuditCheckpoints {
+        from: u64,
+        limit: usize,
+    },
+    /// Records an event of a command run beside the engine (`keys`, `audit export`, ...).
+    AuditRecord(Box<crate::audit::Event>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "lowercase")]
 pub enum Answer {
     Status(StatusReport),
-    Dead { letters: Vec<DeadView> },
-    Done { affected: Affected },
-    Error { message: String },
+    Dead {
+        letters: Vec<DeadView>,
+    },
+    Done {
+        affected: Affected,
+    },
+    /// `(seq, base64 of the stored value)`.
+    AuditRows {
+        rows: Vec<(u64, String)>,
+    },
+    Recorded,
+    Error {
+        message: String,
+    },
 }
 
 /// Per-destination figures.
@@ -106,11 +131,103 @@ pub struct Context {
     pub statuses: Vec<SharedStatus>,
     pub live: Arc<Live>,
     pub quota: u64,
+    pub audit: crate::store::AuditSink,
+    /// Alerts fired per rule since start.
+    pub alerts_fired: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+}
+
+/// The audit event of an operator request (`None` for the audit trail's own reads, which
+/// the command audits itself once, as an export or a verification).
+fn admin_event(req: &Request, uid: Option<u32>) -> Option<crate::audit::Event> {
+    let what = match req {
+        Request::Status => "admin.queue_status",
+        Request::Dead { .. } => "admin.queue_dead",
+        Request::Replay(_) => "admin.queue_replay",
+        Request::Discard(_) => "admin.queue_discard",
+        _ => return None,
+    };
+    let mut e = crate::audit::Event::new(what)
+        .actor(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")))
+        .with("via", "control socket");
+    if let Request::Replay(sel) | Request::Discard(sel) = req {
+        e = e
+            .with("destination", sel.destination.as_deref().unwrap_or("*"))
+            .with(
+                "message",
+                sel.message_id.map_or("*".to_string(), |m| m.to_string()),
+            );
+    }
+    Some(e)
+}
+
+/// Encodes raw rows for the socket.
+pub fn encode_rows(rows: Vec<(u64, Vec<u8>)>) -> Vec<(u64, String)> {
+    use base64::Engine as _;
+    rows.into_iter()
+        .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect()
 }
 
 impl Context {
+    /// Answers a request from local user `uid`, auditing operator actions.
+    async fn answer_audited(&self, req: Request, uid: Option<u32>) -> Answer {
+        let event = admin_event(&req, uid);
+        let answer = self.answer(req).await;
+        if let Some(mut e) = event {
+            e.outcome = Some(match &answer {
+                Answer::Error { .. } => "failed".into(),
+                _ => "done".into(),
+            });
+            if let Answer::Done { affected } = &answer {
+                e = e.with("count", affected.len());
+            }
+            self.audit.record(e);
+        }
+        answer
+    }
+
     async fn answer(&self, req: Request) -> Answer {
         match req {
+            Request::AuditPage { after, limit } => {
+                let reader = self.reader.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    reader.audit_page(after, limit.min(10_000))
+                })
+                .await;
+                match r {
+                    Ok(Ok(rows)) => Answer::AuditRows {
+                        rows: encode_rows(rows),
+                    },
+                    Ok(Err(e)) => Answer::Error {
+                        message: e.to_string(),
+                    },
+                    Err(e) => Answer::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::AuditCheckpoints { from, limit } => {
+                let reader = self.reader.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    reader.audit_checkpoints(from, limit.min(10_000))
+                })
+                .await;
+                match r {
+                    Ok(Ok(rows)) => Answer::AuditRows {
+                        rows: encode_rows(rows),
+                    },
+                    Ok(Err(e)) => Answer::Error {
+                        message: e.to_string(),
+                    },
+                    Err(e) => Answer::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::AuditRecord(e) => {
+                self.audit.record(*e);
+                Answer::Recorded
+            }
             Request::Status => {
                 let this = self.clone();
                 let r = tokio::task::spawn_blocking(move || {
@@ -158,7 +275,8 @@ impl Context {
         };
         match self.handle.control(op).await {
             Ok(affected) => {
-                // Until the audit trail exists, operator actions are logged (ids only).
+                // The applier audits each message; the operator's request is audited by
+                // `answer_audited`.
                 for (dest, id) in &affected {
                     tracing::info!(action = what, destination = %dest, message_id = id, "Dead letter {what} by operator.");
                 }
@@ -209,6 +327,16 @@ pub async fn serve(
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         if !uid.is_some_and(|u| u == me || u == 0) {
             tracing::warn!(uid = ?uid, "Control socket connection from another user refused.");
+            ctx.audit.record(
+                crate::audit::Event::new("auth.failed")
+                    .severity(crate::audit::Severity::Warning)
+                    .actor(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")))
+                    .outcome("refused")
+                    .with(
+                        "reason",
+                        "control socket user is neither root nor the engine's",
+                    ),
+            );
             continue;
         }
         let ctx = ctx.clone();
@@ -225,7 +353,7 @@ pub async fn serve(
                     _ = stop.changed() => break,
                 };
                 let answer = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => ctx.answer(req).await,
+                    Ok(req) => ctx.answer_audited(req, uid).await,
                     Err(e) => Answer::Error {
                         message: format!("bad request: {e}"),
                     },

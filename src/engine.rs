@@ -13,13 +13,15 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::audit::alerts::{cert_alerts, AlertSettings};
+use crate::audit::{AuditKeys, Event, Severity};
 use crate::config::{DestinationKind, Settings};
 use crate::control;
 use crate::forward::{self, DestStatus, Forwarder, SharedStatus};
 use crate::keys::{self, KeyError};
 use crate::listen::{self, conn::AckIds, ListenError, Shared};
 use crate::route::Router;
-use crate::store::{Store, StoreError};
+use crate::store::{AuditSink, StartAudit, Store, StoreError};
 use crate::telemetry::Counters;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +65,6 @@ pub struct Engine {
     control: control::Context,
     metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
-    /// Held in memory only (zeroized on drop) for the audit chain.
-    _audit_key: Arc<keys::Key>,
 }
 
 impl Engine {
@@ -82,16 +82,40 @@ impl Engine {
         let store = Store::open(&settings.store)?;
         tracing::info!(path = %store.path().display(), "Store open.");
         tracing::info!(sealer = %sealer.describe(), "Unsealing keys.");
-        let envelope = Arc::new(keys::load_message_keys_for_store(
-            sealer.as_mut(),
-            &settings.state_dir,
-            store.has_records()?,
-        )?);
-        // The audit key (tokens, audit checkpoints): generated on the first start like the
-        // message key, unsealed at every start so a wrong boot state stops start-up here.
-        keys::ensure(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
-        let (_, audit_key) =
-            keys::load_current(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
+        let unsealed = (|| {
+            let has_records = store.has_records().map_err(|e| {
+                KeyError::Random(format!("cannot tell whether the store holds records: {e}"))
+            })?;
+            let envelope = keys::load_message_keys_for_store(
+                sealer.as_mut(),
+                &settings.state_dir,
+                has_records,
+            )?;
+            // The audit key (tokens, audit checkpoints): generated on the first start like the
+            // message key, unsealed at every start so a wrong boot state stops start-up here.
+            keys::ensure(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
+            let (_, audit_key) =
+                keys::load_current(sealer.as_mut(), &settings.state_dir, keys::KeyKind::Audit)?;
+            Ok::<_, KeyError>((envelope, audit_key))
+        })();
+        let (envelope, audit_key) = match unsealed {
+            Ok(k) => k,
+            Err(e) => {
+                // A security event in its own right: recorded before the refusal.
+                let event = Event::new("security.unseal_failed")
+                    .severity(Severity::Alert)
+                    .actor("engine")
+                    .outcome("start refused")
+                    .with("error", &e);
+                if let Err(ae) = store.record_events(vec![event], None) {
+                    tracing::error!(error = %ae, "Cannot record the unseal failure in the audit trail.");
+                }
+                return Err(e.into());
+            }
+        };
+        let envelope = Arc::new(envelope);
+        let audit_keys = Arc::new(AuditKeys::derive(&audit_key));
+        drop(audit_key);
         // Release the TPM connection (swtpm and /dev/tpm0 serve one client at a time), so
         // `hl7edge keys ...` works beside the running engine.
         drop(sealer);
@@ -118,7 +142,16 @@ impl Engine {
                 _ => None,
             });
         }
-        let running = store.start(envelope, &settings.store, &dest_names)?;
+        record_start(&store, settings)?;
+        let running = store.start(
+            envelope,
+            &settings.store,
+            &dest_names,
+            StartAudit {
+                keys: Arc::clone(&audit_keys),
+                settings: settings.audit.clone(),
+            },
+        )?;
         let counters = Arc::new(Counters::default());
         let acks = Arc::new(AckIds::default());
         let router = Arc::new(Router::new(&settings.routes, &settings.destinations));
@@ -131,6 +164,8 @@ impl Engine {
                 unrouted: settings.unrouted,
                 counters: Arc::clone(&counters),
                 acks: Arc::clone(&acks),
+                audit: running.audit.clone(),
+                audit_keys: Arc::clone(&audit_keys),
             })?);
         }
         let statuses: Vec<SharedStatus> = dest_names
@@ -144,6 +179,8 @@ impl Engine {
             statuses: statuses.clone(),
             live: Arc::clone(&running.live),
             quota: settings.store.quota,
+            audit: running.audit.clone(),
+            alerts_fired: Arc::clone(&running.alerts_fired),
         };
         let control_listener =
             control::bind(&settings.control_socket).map_err(|source| EngineError::Control {
@@ -176,6 +213,7 @@ impl Engine {
                 tls,
                 reader: running.reader.clone(),
                 outcomes: running.outcomes.clone(),
+                audit: running.audit.clone(),
                 wake,
                 status: Arc::clone(status),
             };
@@ -185,6 +223,12 @@ impl Engine {
             control_listener,
             settings.control_socket.clone(),
             ctx.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(watch_certificates(
+            cert_paths(settings),
+            settings.audit.alerts.clone(),
+            running.audit.clone(),
             shutdown_rx.clone(),
         )));
         if let Some(l) = metrics_listener {
@@ -220,7 +264,6 @@ impl Engine {
             control: ctx,
             metrics_addr,
             grace: settings.shutdown_grace,
-            _audit_key: Arc::new(audit_key),
         })
     }
 
@@ -261,7 +304,13 @@ impl Engine {
             let _ = t.await;
         }
         // Each accept loop, connection task and forwarder held a store handle or an outcome
-        // sender; once they are gone the writer commits what is queued and returns.
+        // sender; once they are gone the writer commits what is queued and returns (the
+        // applier's last commit signs a checkpoint of the whole audit chain).
+        self.control.audit.record(
+            Event::new("engine.stopped")
+                .actor("engine")
+                .outcome("stopped"),
+        );
         drop(self.control);
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -311,6 +360,83 @@ impl Signals {
             None => {
                 let _ = tokio::signal::ctrl_c().await;
             }
+        }
+    }
+}
+
+/// Audits the start: `engine.started`, and `config.changed` (old and new hash, the file's
+/// owner) when the configuration differs from the one last started with.
+fn record_start(store: &Store, settings: &Settings) -> Result<(), StoreError> {
+    let old = store.swap_config_hash(&settings.config_hash)?;
+    let mut events = vec![Event::new("engine.started")
+        .actor("engine")
+        .outcome("started")
+        .with("version", env!("CARGO_PKG_VERSION"))
+        .with("config", settings.source.display())
+        .with("config_hash", &settings.config_hash)];
+    if old.as_deref() != Some(settings.config_hash.as_str()) {
+        use std::os::unix::fs::MetadataExt;
+        let who = std::fs::metadata(&settings.source)
+            .map(|m| format!("file owner uid:{}", m.uid()))
+            .unwrap_or_else(|_| "unknown".into());
+        events.push(
+            Event::new("config.changed")
+                .severity(Severity::Warning)
+                .actor(who)
+                .outcome(if old.is_some() {
+                    "changed"
+                } else {
+                    "first start"
+                })
+                .with("file", settings.source.display())
+                .with("old_hash", old.as_deref().unwrap_or("-"))
+                .with("new_hash", &settings.config_hash),
+        );
+    }
+    store.record_events(events, Some(&settings.audit.alerts))
+}
+
+/// Every certificate file the configuration names, with what it is.
+fn cert_paths(settings: &Settings) -> Vec<(String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    for l in &settings.listeners {
+        if let Some(t) = &l.tls {
+            out.push((format!("listener {} certificate", l.name), t.cert.clone()));
+            if let Some(ca) = &t.client_ca {
+                out.push((format!("listener {} client CA", l.name), ca.clone()));
+            }
+        }
+    }
+    for d in &settings.destinations {
+        if let Some(t) = &d.tls {
+            if let Some(ca) = &t.ca {
+                out.push((format!("destination {} CA", d.name), ca.clone()));
+            }
+            if let Some((cert, _)) = &t.client {
+                out.push((
+                    format!("destination {} client certificate", d.name),
+                    cert.clone(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Alerts on certificates expiring soon: at start, then daily.
+async fn watch_certificates(
+    certs: Vec<(String, std::path::PathBuf)>,
+    alerts: AlertSettings,
+    audit: AuditSink,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        for e in cert_alerts(&alerts, &certs, crate::store::now_ms()) {
+            audit.record(e);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

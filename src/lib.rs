@@ -4,6 +4,7 @@
 //! group-commit writer (`store`), which encrypts it (`keys`) and fsyncs it in redb before the
 //! listener sends the acknowledgement.
 
+pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod config;

@@ -11,6 +11,8 @@ use hl7edge::config::{Settings, DEFAULT_PATH};
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when start-up fails for any other reason (store, bind, ...).
 const EXIT_START: u8 = 70;
+/// Exit code of `audit verify` when the chain is broken (EX_DATAERR).
+const EXIT_TAMPERED: u8 = 65;
 /// Exit code when keys exist but cannot be unsealed: TPM absent, PCR mismatch, corrupt or
 /// foreign blob, wrong development key file (promise 7: the engine does not start).
 const EXIT_KEYS: u8 = 71;
@@ -57,6 +59,14 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// The tamper-evident audit trail: verify, export for a SIEM, search for incident
+    /// response. From the running engine over its control socket, or from the store.
+    Audit {
+        #[arg(long, short, default_value = DEFAULT_PATH, global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Destination queues and dead letters: from the running engine over its control socket,
     /// or from the store when the engine is stopped.
@@ -113,6 +123,46 @@ enum KeysCommand {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum RotateKey {
     Message,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain and its signed checkpoints; report the first bad sequence number.
+    /// Exit 0 when intact, 65 when not.
+    Verify {
+        /// Checkpoint public key (base64, as `audit public-key` prints it); default: derived
+        /// from the sealed audit key.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write records as JSON lines (MRN as its token) for a SIEM.
+    Export(AuditQuery),
+    /// A table of records for incident response: which messages of a patient went where.
+    Search(AuditQuery),
+    /// Print the checkpoint public key (base64) for auditors who verify without the TPM.
+    PublicKey,
+}
+
+#[derive(clap::Args)]
+struct AuditQuery {
+    /// From this time (RFC 3339, UTC) or this long ago (`24h`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this time, or this long ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// Records of this patient's messages (the MRN is turned into its token; never stored).
+    #[arg(long)]
+    mrn: Option<String>,
+    /// Records of the message with this MSH-10.
+    #[arg(long)]
+    control_id: Option<String>,
+    /// Only event types starting with this (`message.`, `auth.failed`, `alert.`).
+    #[arg(long)]
+    event: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -208,7 +258,16 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             let settings = load(&config)?;
             hl7edge::telemetry::init(true, "warn,tss_esapi=off");
             lock_memory();
-            keys(&settings, command)
+            let op = keys_op_name(&command);
+            let result = keys(&settings, command);
+            // Key operations are audited, whether they worked or not.
+            let event = hl7edge::audit::Event::new(&format!("admin.keys_{op}"))
+                .actor(hl7edge::audit::cli::local_actor())
+                .outcome(if result.is_ok() { "done" } else { "failed" });
+            if let Err(e) = hl7edge::audit::cli::record(&settings, event) {
+                eprintln!("hl7edge: the key operation could not be audited: {e}");
+            }
+            result
         }
         Command::Demo { state_dir, serve } => {
             hl7edge::telemetry::init(true, "warn");
@@ -239,6 +298,14 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
                 "{}: {before} bytes before, {after} bytes after compaction",
                 settings.store.path.display()
             );
+            let event = hl7edge::audit::Event::new("admin.store_compact")
+                .actor(hl7edge::audit::cli::local_actor())
+                .outcome("done")
+                .with("bytes_before", before)
+                .with("bytes_after", after);
+            if let Err(e) = hl7edge::audit::cli::record(&settings, event) {
+                eprintln!("hl7edge: the compaction could not be audited: {e}");
+            }
             Ok(())
         }
         Command::Queue {
@@ -246,6 +313,11 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             json,
             command,
         } => queue(&config, json, command),
+        Command::Audit { config, command } => {
+            let settings = load(&config)?;
+            hl7edge::telemetry::init(true, "warn,tss_esapi=off");
+            audit(&settings, command)
+        }
         Command::Store {
             command: StoreCommand::List { config },
         } => {
@@ -270,6 +342,19 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
 fn lock_memory() {
     if let Err(e) = hl7edge::lock_memory() {
         tracing::warn!(reason = %e, "Memory not locked (mlockall): key pages could be swapped out where swap exists. Grant CAP_IPC_LOCK or LimitMEMLOCK=infinity.");
+    }
+}
+
+fn keys_op_name(c: &KeysCommand) -> &'static str {
+    match c {
+        KeysCommand::Init => "init",
+        KeysCommand::Status => "status",
+        KeysCommand::Rotate { .. } => "rotate_message",
+        KeysCommand::Rewrap => "rewrap",
+        KeysCommand::Reseal => "reseal",
+        KeysCommand::SealDisk => "seal_disk",
+        KeysCommand::UnsealDisk => "unseal_disk",
+        KeysCommand::TunnelPubkey => "tunnel_pubkey",
     }
 }
 
@@ -486,35 +571,68 @@ fn queue(config: &std::path::Path, json: bool, command: QueueCommand) -> Result<
         }),
     };
     let answer = match control::request(&settings.control_socket, &req).map_err(fail)? {
+        // The engine audits requests on its socket.
         Some(a) => a,
         None => {
             // The engine is stopped: the same operations on the store itself.
-            let store = open_store(&settings)?;
             let dests: Vec<String> = settings
                 .destinations
                 .iter()
                 .map(|d| d.name.clone())
                 .collect();
-            match req {
-                Request::Status => {
-                    let reader = store.reader();
-                    control::status_report(&reader, &dests, None, settings.store.quota)
-                        .map(Answer::Status)
-                        .map_err(fail)?
-                }
-                Request::Dead { destination } => Answer::Dead {
-                    letters: store
-                        .reader()
-                        .dead_letters(destination.as_deref())
-                        .map_err(fail)?,
-                },
-                Request::Replay(sel) => Answer::Done {
-                    affected: store.control(&ControlOp::Replay(sel)).map_err(fail)?,
-                },
-                Request::Discard(sel) => Answer::Done {
-                    affected: store.control(&ControlOp::Discard(sel)).map_err(fail)?,
-                },
+            let req_kind = match &req {
+                Request::Status => QueueKind::Status,
+                Request::Dead { .. } => QueueKind::Dead,
+                Request::Replay(_) => QueueKind::Replay,
+                _ => QueueKind::Discard,
+            };
+            let run = |store: hl7edge::store::Store| -> Result<Answer, ExitCode> {
+                Ok(match req {
+                    Request::Status => {
+                        let reader = store.reader();
+                        control::status_report(&reader, &dests, None, settings.store.quota)
+                            .map(Answer::Status)
+                            .map_err(fail)?
+                    }
+                    Request::Dead { destination } => Answer::Dead {
+                        letters: store
+                            .reader()
+                            .dead_letters(destination.as_deref())
+                            .map_err(fail)?,
+                    },
+                    Request::Replay(sel) => Answer::Done {
+                        affected: store.control(&ControlOp::Replay(sel)).map_err(fail)?,
+                    },
+                    Request::Discard(sel) => Answer::Done {
+                        affected: store.control(&ControlOp::Discard(sel)).map_err(fail)?,
+                    },
+                    _ => Answer::Error {
+                        message: "not a queue command".into(),
+                    },
+                })
+            };
+            // The store is released before the audit reopens it (one handle per file).
+            let answer = run(open_store(&settings)?)?;
+            // The engine is stopped: the operator's action is audited here.
+            let what = match &req_kind {
+                QueueKind::Status => "admin.queue_status",
+                QueueKind::Dead => "admin.queue_dead",
+                QueueKind::Replay => "admin.queue_replay",
+                QueueKind::Discard => "admin.queue_discard",
+            };
+            let mut event = hl7edge::audit::Event::new(what)
+                .actor(hl7edge::audit::cli::local_actor())
+                .outcome("done")
+                .with("via", "store (engine stopped)");
+            if let Answer::Done { affected } = &answer {
+                event = event.with("count", affected.len());
             }
+            let recorded = open_store(&settings)
+                .map(|store| store.record_events(vec![event], Some(&settings.audit.alerts)));
+            if let Ok(Err(e)) = recorded {
+                eprintln!("hl7edge: the action could not be audited: {e}");
+            }
+            answer
         }
     };
     if json {
@@ -540,6 +658,127 @@ fn queue(config: &std::path::Path, json: bool, command: QueueCommand) -> Result<
             }
         }
         Answer::Error { message } => return Err(fail(message)),
+        Answer::AuditRows { .. } | Answer::Recorded => {}
     }
     Ok(())
+}
+
+enum QueueKind {
+    Status,
+    Dead,
+    Replay,
+    Discard,
+}
+
+/// The checkpoint keys, from the sealed audit key.
+fn audit_keys(settings: &Settings) -> Result<hl7edge::audit::AuditKeys, ExitCode> {
+    use hl7edge::keys::{self, KeyKind};
+    let mut sealer = keys::open_sealer(&settings.keys).map_err(key_fail)?;
+    let (_, key) = keys::load_current(sealer.as_mut(), &settings.state_dir, KeyKind::Audit)
+        .map_err(key_fail)?;
+    Ok(hl7edge::audit::AuditKeys::derive(&key))
+}
+
+fn audit(settings: &Settings, command: AuditCommand) -> Result<(), ExitCode> {
+    use hl7edge::audit::cli::{self, Source};
+    use hl7edge::audit::Event;
+    let actor = cli::local_actor();
+    match command {
+        AuditCommand::PublicKey => {
+            println!("{}", audit_keys(settings)?.public_key());
+            Ok(())
+        }
+        AuditCommand::Verify { public_key, json } => {
+            let key = match public_key {
+                Some(text) => hl7edge::audit::parse_public_key(&text).ok_or_else(|| {
+                    eprintln!("hl7edge: --public-key: not a base64 Ed25519 public key");
+                    ExitCode::from(EXIT_CONFIG)
+                })?,
+                None => audit_keys(settings)?.verifying_key(),
+            };
+            let src = Source::open(settings).map_err(fail)?;
+            let report = cli::verify(&src, key).map_err(fail)?;
+            let outcome = match &report.problem {
+                None => "intact".to_string(),
+                Some(p) => format!("broken at {}", p.seq),
+            };
+            let event = Event::new("admin.audit_verify")
+                .actor(actor)
+                .outcome(outcome)
+                .with("records", report.records);
+            if let Err(e) = cli::finish_with(settings, src, event) {
+                eprintln!("hl7edge: the verification itself could not be audited: {e}");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", cli::render_report(&report));
+            }
+            match report.problem {
+                None => Ok(()),
+                Some(_) => Err(ExitCode::from(EXIT_TAMPERED)),
+            }
+        }
+        AuditCommand::Export(q) => audit_query(settings, q, true, actor),
+        AuditCommand::Search(q) => audit_query(settings, q, false, actor),
+    }
+}
+
+fn audit_query(
+    settings: &Settings,
+    q: AuditQuery,
+    export: bool,
+    actor: String,
+) -> Result<(), ExitCode> {
+    use hl7edge::audit::cli::{self, Filter, Source};
+    use hl7edge::audit::Event;
+    let time = |t: Option<String>, key: &str| -> Result<Option<u64>, ExitCode> {
+        t.map(|t| {
+            cli::parse_time(&t).map_err(|e| {
+                eprintln!("hl7edge: --{key}: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            })
+        })
+        .transpose()
+    };
+    let mrn_token = match &q.mrn {
+        Some(mrn) => Some(audit_keys(settings)?.token(mrn)),
+        None => None,
+    };
+    let filter = Filter {
+        since_ms: time(q.since, "since")?,
+        until_ms: time(q.until, "until")?,
+        mrn_token,
+        control_id: q.control_id,
+        event: q.event,
+    };
+    let src = Source::open(settings).map_err(fail)?;
+    let mut out = std::io::stdout().lock();
+    let count = if export {
+        cli::export(&src, &filter, &mut out)
+    } else {
+        cli::search(&src, &filter, &mut out)
+    }
+    .map_err(fail)?;
+    let mut event = Event::new(if export {
+        "admin.audit_export"
+    } else {
+        "admin.audit_search"
+    })
+    .actor(actor)
+    .outcome("done")
+    .with("count", count);
+    if let Some(t) = &filter.mrn_token {
+        event = event.with("mrn_token", t);
+    }
+    if let Some(c) = &filter.control_id {
+        event = event.with("control_id", c);
+    }
+    cli::finish_with(settings, src, event).map_err(|e| {
+        eprintln!("hl7edge: the export could not be audited: {e}");
+        ExitCode::from(EXIT_START)
+    })
 }

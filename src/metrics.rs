@@ -19,6 +19,15 @@ pub fn render(ctx: &Context, counters: &Counters) -> String {
         let _ = writeln!(out, "# TYPE hl7edge_{name}_total counter");
         let _ = writeln!(out, "hl7edge_{name}_total {value}");
     }
+    let _ = writeln!(out, "# TYPE hl7edge_alerts_total counter");
+    let fired = ctx
+        .alerts_fired
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (rule, n) in fired {
+        let _ = writeln!(out, "hl7edge_alerts_total{{rule=\"{rule}\"}} {n}");
+    }
     let Ok(rep) = status_report(
         &ctx.reader,
         &ctx.dests,

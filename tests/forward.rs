@@ -354,6 +354,96 @@ fn poison_message_is_dead_lettered_after_max_attempts_and_the_rest_is_delivered(
 }
 
 #[test]
+fn message_failing_longer_than_max_age_is_dead_lettered_long_before_max_attempts() {
+    // Two destinations with the same retry settings and max_attempts = 1000, each on its own
+    // upstream answering AE to AGE2 forever: "hosp" also has max_age = 2s, "noage" has none.
+    // AGE2 must die of age at hosp (and the queue go on), and still be retried at noage.
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::python_hl7(&dir.path().join("up.log"), 0, &["--ae", "AGE2:-1"]);
+    let ctl = Upstream::python_hl7(&dir.path().join("ctl.log"), 0, &["--ae", "AGE2:-1"]);
+    let extra = mllp_destination("hosp", up.port, "max_attempts = 1000\nmax_age = \"2s\"\n")
+        + &mllp_destination("noage", ctl.port, "max_attempts = 1000\n")
+        + &route("all", &[], &[], &["hosp", "noage"]);
+    let mut inst = forwarding_instance(&extra);
+    inst.start();
+    let mut c = MllpConn::connect(inst.plain_addr());
+    for id in ["AGE1", "AGE2", "AGE3"] {
+        assert_aa(&c.send(&hl7_message("EHR", "ADT^A01^ADT_A01", id)));
+    }
+
+    // Once AGE2 has failed for longer than max_age it is dead, and AGE3 behind it goes on.
+    let got = wait_aa(&inst, &up, 2);
+    assert_eq!(got, ["AGE1", "AGE3"], "{:?}", up.received());
+    let d = wait_drained(&inst, "hosp");
+    assert_eq!(d["dead_letters"], 1, "{d}");
+    let dead = inst.dead_letters("hosp");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let l = &dead[0];
+    assert_eq!(l["meta"]["control_id"], "AGE2", "{l}");
+    assert_eq!(l["letter"]["last_ack"], "AE", "{l}");
+    let attempts = l["letter"]["attempts"].as_u64().unwrap();
+    let reason = l["letter"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("poison")
+            && reason.contains("older than max_age")
+            && reason.contains(&format!("after {attempts} attempts")),
+        "{l}"
+    );
+    // It died of age: retried first (so not at its first failure), older than max_age when it
+    // died and soon after (retry_max is 500ms), and far below max_attempts.
+    assert!(attempts >= 2, "{l}");
+    assert!(attempts < 1000, "{l}");
+    let age = l["letter"]["dead_ms"].as_u64().unwrap() - l["letter"]["queued_ms"].as_u64().unwrap();
+    assert!(
+        (2000..10_000).contains(&age),
+        "died {age} ms after queueing: {l}"
+    );
+    // The letter's count is what the upstream saw, and nothing behind AGE2 was sent before its
+    // last attempt.
+    let log = up.received();
+    assert_eq!(ids_with(&log, "AE").len() as u64, attempts, "{log:?}");
+    let last_age2 = log.iter().rposition(|r| r.control_id == "AGE2").unwrap();
+    let first_age3 = log.iter().position(|r| r.control_id == "AGE3").unwrap();
+    assert!(last_age2 < first_age3, "{log:?}");
+
+    // Without max_age, max_attempts alone has not made it poison: it is still being retried at
+    // noage, with everything behind it waiting, and nothing is dead there.
+    let ae_so_far = ids_with(&ctl.received(), "AE").len();
+    let d = wait_for(
+        &inst,
+        "noage to retry AGE2 more often than hosp did",
+        30,
+        || {
+            let d = inst.dest_status("noage");
+            let more = ids_with(&ctl.received(), "AE").len() > ae_so_far.max(attempts as usize);
+            (more && d["live"]["state"] == "retrying").then_some(d)
+        },
+    );
+    assert_eq!(d["dead_letters"], 0, "{d}");
+    assert_eq!(d["depth"], 2, "{d}");
+    assert!(inst.dead_letters("noage").is_empty());
+    assert_eq!(
+        ids_with(&ctl.received(), "AA"),
+        ["AGE1"],
+        "{:?}",
+        ctl.received()
+    );
+
+    // A later message on hosp is delivered: the queue goes on.
+    assert_aa(&c.send(&hl7_message("EHR", "ADT^A08^ADT_A01", "AGE4")));
+    let got = wait_aa(&inst, &up, 3);
+    assert_eq!(got, ["AGE1", "AGE3", "AGE4"]);
+    let d = wait_drained(&inst, "hosp");
+    assert_eq!(d["dead_letters"], 1, "{d}");
+    assert_eq!(d["live"]["delivered"], 3, "{d}");
+    assert_eq!(
+        ids_with(&up.received(), "AE").len() as u64,
+        attempts,
+        "sent again"
+    );
+}
+
+#[test]
 fn unanswered_message_is_sent_again_after_ack_timeout_and_nothing_overtakes_it() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::python_hl7(&dir.path().join("up.log"), 0, &["--hang", "HG2:1"]);

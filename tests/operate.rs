@@ -178,6 +178,106 @@ fn destination_without_ca_bundle_is_verified_against_the_platform_trust_store() 
     });
 }
 
+/// Milliseconds since the epoch (the engine stamps dead letters with the same clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn dead_letters_are_deleted_after_dead_letter_retention_and_kept_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::python_hl7(&dir.path().join("up.log"), 0, &["--ar", "DLR1:-1"]);
+    let config = |retention: &str| {
+        format!(
+            "\n[store]\ndead_letter_retention = \"{retention}\"\n{}{}",
+            mllp_destination("hosp", up.port, ""),
+            route("all", &[], &[], &["hosp"])
+        )
+    };
+    // DLR1 is rejected (AR) and dead-lettered at once; DLR2 is delivered and, with the default
+    // retention of 7 days, stays in the store: `store list` is shown to list what is kept.
+    let dead_letter_of = |inst: &Instance| -> serde_json::Value {
+        let mut c = MllpConn::connect(inst.plain_addr());
+        assert_code(
+            &c.send(&hl7_message("EHR", "ADT^A01^ADT_A01", "DLR1")),
+            "AA",
+        );
+        assert_code(
+            &c.send(&hl7_message("EHR", "ADT^A08^ADT_A01", "DLR2")),
+            "AA",
+        );
+        let l = wait_for(inst, "DLR1 in dead letters", 30, || {
+            inst.dead_letters("hosp").into_iter().next()
+        });
+        assert_eq!(l["meta"]["control_id"], "DLR1", "{l}");
+        assert_eq!(l["letter"]["last_ack"], "AR", "{l}");
+        l
+    };
+
+    // The long-retention instance's letter dies first, so the short retention has passed for
+    // it by the time it has passed for the short-retention instance's letter.
+    let mut long = forwarding_instance(&config("1h"));
+    long.start();
+    let long_letter = dead_letter_of(&long);
+    let mut short = forwarding_instance(&config("3s"));
+    short.start();
+    let short_letter = dead_letter_of(&short);
+    let dead_ms = short_letter["letter"]["dead_ms"].as_u64().unwrap();
+    assert_eq!(short.dest_status("hosp")["dead_letters"], 1);
+
+    // Short retention: the dead letter goes once it is 3 s old (the sweep runs every second).
+    wait_for(&short, "the dead letter to be deleted", 30, || {
+        short.dead_letters("hosp").is_empty().then_some(())
+    });
+    let purged_at = now_ms();
+    assert!(
+        purged_at >= dead_ms + 3000,
+        "deleted {} ms after it died, before dead_letter_retention",
+        purged_at - dead_ms
+    );
+    let d = short.dest_status("hosp");
+    assert_eq!(d["dead_letters"], 0, "{d}");
+    assert_eq!(d["live"]["dead_lettered"], 1, "{d}");
+    assert!(
+        short.log().contains("Retention deleted expired messages."),
+        "{}",
+        short.log()
+    );
+
+    // Long retention: the same letter, older than the short retention plus two sweeps, is
+    // still there. (Nothing signals a deletion that does not happen: the margin is let pass.)
+    let long_dead_ms = long_letter["letter"]["dead_ms"].as_u64().unwrap();
+    assert!(long_dead_ms <= dead_ms, "{long_letter} {short_letter}");
+    let clear = long_dead_ms + 3000 + 2500;
+    if let Some(rest) = clear.checked_sub(now_ms()) {
+        std::thread::sleep(std::time::Duration::from_millis(rest));
+    }
+    let kept = long.dead_letters("hosp");
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0], long_letter);
+    assert_eq!(long.dest_status("hosp")["dead_letters"], 1);
+    assert!(!long.log().contains("Retention deleted"), "{}", long.log());
+
+    // The deleted dead letter's message is gone from the store; the kept one's is not.
+    assert_eq!(short.stop(), Some(0));
+    assert_eq!(short.stored_control_ids(), ["DLR2"]);
+    assert_eq!(long.stop(), Some(0));
+    assert_eq!(long.stored_control_ids(), ["DLR1", "DLR2"]);
+    // And both stay that way after a restart (the deletion was committed, the letter kept).
+    short.start();
+    assert!(short.dead_letters("hosp").is_empty());
+    long.start();
+    assert_eq!(long.dead_letters("hosp").len(), 1);
+    assert_eq!(
+        ids_with(&up.received(), "AR"),
+        ["DLR1", "DLR1"],
+        "sent once each"
+    );
+}
+
 /// Bytes of the store file.
 fn store_size(inst: &Instance) -> u64 {
     std::fs::metadata(inst.dir.path().join("state/hl7edge.redb"))
@@ -190,10 +290,12 @@ fn retention_reuses_space_under_steady_load_and_compaction_returns_it() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::python_hl7(&dir.path().join("up.log"), 0, &[]);
     let extra = format!(
-        "\n[store]\nretention = \"1ms\"\n{}{}",
+        "\n[store]\nretention = \"1ms\"\n\
+         [audit]\nretention = \"1s\"\nlegal_minimum = \"1s\"\ncheckpoint_interval = \"1s\"\n{}{}",
         mllp_destination("hosp", up.port, ""),
         route("all", &[], &[], &["hosp"])
     );
+    // The audit trail is under retention too here, so the file's steady state covers it.
     let mut inst = forwarding_instance(&extra);
     inst.start();
     let filler = format!("NTE|1||{}\r", "S".repeat(4000));

@@ -44,6 +44,12 @@ pub struct FileConfig {
     /// Prometheus metrics listener (off unless configured).
     #[serde(default)]
     pub metrics: MetricsFile,
+    /// The audit trail: retention, checkpoints, journald.
+    #[serde(default)]
+    pub audit: super::audit::AuditFile,
+    /// Alert rules.
+    #[serde(default)]
+    pub alerts: super::audit::AlertsFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -402,12 +408,12 @@ fn default_max_message() -> usize {
 }
 
 /// Builds errors that name the file.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     file: &'a Path,
 }
 
 impl Ctx<'_> {
-    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             key: key.into(),
@@ -566,8 +572,8 @@ impl FileConfig {
                 self.store.dead_letter_retention,
             ),
         ] {
-            if v < Duration::from_secs(1) {
-                return Err(cx.err(k, "must be at least 1s"));
+            if v.is_zero() {
+                return Err(cx.err(k, "must be more than zero"));
             }
         }
         let store = StoreSettings {
@@ -731,7 +737,12 @@ impl FileConfig {
                 .unwrap_or(Path::new("control.sock")),
         );
 
+        let audit = super::audit::validate(&cx, self.audit, self.alerts)?;
+
         Ok(Settings {
+            audit,
+            // Set by `Settings::from_toml`, which has the text.
+            config_hash: String::new(),
             destinations,
             routes,
             unrouted: self.intake.unrouted,

@@ -9,6 +9,7 @@
 //!   source allow-list (or with a `/0` entry), TLS without client authentication unless a
 //!   `danger_` knob says so.
 
+mod audit;
 mod file;
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use audit::AuditSettings;
 pub use file::FileConfig;
 
 /// Default configuration path.
@@ -71,6 +73,10 @@ pub struct Settings {
     pub control_socket: PathBuf,
     /// Prometheus text endpoint, when configured.
     pub metrics: Option<SocketAddr>,
+    /// The audit trail and alert rules.
+    pub audit: AuditSettings,
+    /// SHA-256 (hex) of the configuration file's bytes, for the audit of changes.
+    pub config_hash: String,
 }
 
 /// The answer to a message no route matches.
@@ -298,7 +304,9 @@ impl Settings {
             file: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        file.validate(path)
+        let mut settings = file.validate(path)?;
+        settings.config_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text));
+        Ok(settings)
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
+use crate::audit::{Event, Severity};
 use crate::client::{ClientError, MllpClient};
 use crate::config::{Backoff, DestinationSettings, OnPoison, OnReject};
 use crate::hl7::ack::{ack_info, AckCode};
@@ -86,6 +87,7 @@ pub struct Forwarder {
     pub tls: Option<Upstream>,
     pub reader: StoreReader,
     pub outcomes: Outcomes,
+    pub audit: crate::store::AuditSink,
     pub wake: Arc<Notify>,
     pub status: SharedStatus,
 }
@@ -163,6 +165,7 @@ impl Forwarder {
                         conn_failures = conn_failures.saturating_add(1);
                         let delay = backoff_delay(&self.dest.backoff, conn_failures);
                         tracing::warn!(destination = %name, error = %reason, retry_in = ?delay, "Cannot connect to the destination.");
+                        self.audit_connection(&reason);
                         self.failed(&reason, "down");
                         if pause(delay, &mut shutdown).await {
                             break;
@@ -196,6 +199,14 @@ impl Forwarder {
             match result {
                 Ok(()) => {
                     self.outcomes.delivered(&name, head.seq);
+                    self.audit.record(
+                        Event::new("forward.delivered")
+                            .destination(name.as_str())
+                            .message(head.message_id)
+                            .control_id(head.control_id.as_str())
+                            .outcome("accepted")
+                            .with("attempt", head.attempts + 1),
+                    );
                     update(&self.status, |s| {
                         s.delivered += 1;
                         s.state = "connected".into();
@@ -209,6 +220,7 @@ impl Forwarder {
                     conn_failures = conn_failures.saturating_add(1);
                     let delay = backoff_delay(&self.dest.backoff, conn_failures);
                     tracing::warn!(destination = %name, error = %reason, retry_in = ?delay, "Sending failed; reconnecting.");
+                    self.audit_connection(&reason);
                     self.failed(&reason, "down");
                     if pause(delay, &mut shutdown).await {
                         break;
@@ -220,6 +232,7 @@ impl Forwarder {
                     let reason = format!("rejected by the destination ({})", ack.as_str());
                     tracing::warn!(destination = %name, message_id = head.message_id, ack = ack.as_str(), "Message rejected; moved to dead letters.");
                     head.attempts += 1;
+                    self.audit_attempt(head, ack.as_str(), &reason);
                     let letter = self.letter(head, reason.clone(), Some(ack), err_code);
                     self.outcomes.dead(&name, head.seq, letter);
                     update(&self.status, |s| {
@@ -256,6 +269,7 @@ impl Forwarder {
                     }
                     head.attempts += 1;
                     let attempts = head.attempts;
+                    self.audit_attempt(head, ack.map_or("no answer", |a| a.as_str()), &reason);
                     let too_old = self.dest.max_age.is_some_and(|age| {
                         now_ms().saturating_sub(head.queued_ms) > age.as_millis() as u64
                     });
@@ -291,6 +305,30 @@ impl Forwarder {
             }
         }
         tracing::debug!(destination = %name, "Forwarder stopped.");
+    }
+
+    /// A NAK or a missing answer: the attempt, its answer and the reason (codes, no content).
+    fn audit_attempt(&self, head: &Queued, answer: &str, reason: &str) {
+        self.audit.record(
+            Event::new("forward.failed")
+                .severity(Severity::Warning)
+                .destination(self.dest.name.as_str())
+                .message(head.message_id)
+                .control_id(head.control_id.as_str())
+                .outcome(answer)
+                .with("attempt", head.attempts)
+                .with("reason", reason),
+        );
+    }
+
+    fn audit_connection(&self, reason: &str) {
+        self.audit.record(
+            Event::new("forward.connection_failed")
+                .severity(Severity::Warning)
+                .destination(self.dest.name.as_str())
+                .outcome("retrying")
+                .with("reason", reason),
+        );
     }
 
     fn failed(&self, reason: &str, state: &str) {

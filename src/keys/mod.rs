@@ -51,6 +51,11 @@ impl Key {
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    #[cfg(test)]
+    pub(crate) fn from_bytes(b: [u8; 32]) -> Key {
+        Key(Zeroizing::new(b))
+    }
 }
 
 impl std::fmt::Debug for Key {

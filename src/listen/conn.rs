@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::Shared;
+use crate::audit::{Event as AuditEvent, Severity as AuditSeverity};
 use crate::config::Unrouted;
 use crate::hl7::ack::{self, AckParams, ErrCondition, Outcome, Severity};
 use crate::hl7::mllp::{self, Deframer, Event};
@@ -73,6 +74,13 @@ pub async fn serve<S>(
                 Event::Oversized { prefix, limit } => {
                     add(&counters.frames_oversized, 1);
                     tracing::warn!(listener = %s.name, peer = %peer, limit, "Message larger than max_message_size: rejected, connection closed.");
+                    rejected(
+                        shared,
+                        &peer,
+                        None,
+                        "AR",
+                        &format!("message larger than max_message_size ({limit} bytes)"),
+                    );
                     let cond = ErrCondition::new(
                         207,
                         Severity::Error,
@@ -132,11 +140,44 @@ pub async fn serve<S>(
             Err(_) => {
                 add(&counters.connections_idle_closed, 1);
                 tracing::info!(listener = %s.name, peer = %peer, idle_timeout = ?s.idle_timeout, "Idle connection closed.");
+                shared.audit.record(
+                    AuditEvent::new("connection.timeout")
+                        .listener(s.name.as_str())
+                        .actor(peer.as_str())
+                        .outcome("closed")
+                        .with("reason", "idle"),
+                );
                 break;
             }
         }
     }
     let _ = stream.shutdown().await;
+}
+
+/// Audits a message that was not stored: what was answered and why (no content).
+fn rejected(shared: &Shared, peer: &str, msg: Option<&Message>, answer: &str, reason: &str) {
+    let mut e = AuditEvent::new("message.rejected")
+        .severity(AuditSeverity::Warning)
+        .listener(shared.settings.name.as_str())
+        .actor(peer)
+        .outcome(answer)
+        .with("reason", reason);
+    if let Some(m) = msg {
+        let h = m.header();
+        e = e.control_id(h.control_id.as_str());
+        e.message_type = Some(h.message_type.to_string());
+    }
+    shared.audit.record(e);
+}
+
+/// The MRN: the first PID-3 repetition typed `MR`, else the first one.
+fn mrn(msg: &Message) -> Option<zeroize::Zeroizing<String>> {
+    let ids = msg.mrns();
+    let pick = ids
+        .iter()
+        .find(|i| i.identifier_type.as_deref() == Some("MR"))
+        .or_else(|| ids.first())?;
+    Some(zeroize::Zeroizing::new(pick.id.clone()))
 }
 
 fn params(shared: &Shared) -> (String, String) {
@@ -179,6 +220,8 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
             if reply.is_none() {
                 tracing::warn!(listener = %s.name, peer = %peer, "No acknowledgement can be built; closing the connection.");
             }
+            let answer = if reply.is_some() { "AR" } else { "closed" };
+            rejected(shared, peer, None, answer, &e.to_string());
             return (reply, next);
         }
     };
@@ -195,6 +238,13 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
         version: h.version.clone(),
         size: payload.len(),
         received_ms: now_ms(),
+        mrn_token: None,
+        mrn_sealed: None,
+    };
+    let mrn = mrn(&msg);
+    let meta = Meta {
+        mrn_token: mrn.as_ref().map(|m| shared.audit_keys.token(m)),
+        ..meta
     };
     let control_id = h.control_id.clone();
     let destinations = shared.router.destinations(&RouteInput {
@@ -216,6 +266,7 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
                         meta.message_type
                     ),
                 );
+                rejected(shared, peer, Some(&msg), "AR", "no route matches");
                 return (reject_reply(&payload, cond, shared), Next::Continue);
             }
             Unrouted::Accept => {
@@ -232,6 +283,7 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
             meta,
             raw: payload,
             destinations,
+            mrn,
         })
         .await;
     let outcome = match &result {
@@ -243,11 +295,20 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
         Ok(Stored::Duplicate(id)) => {
             add(&counters.messages_duplicate, 1);
             tracing::info!(listener = %s.name, peer = %peer, id, control_id = %control_id, "Duplicate message acknowledged again, not stored twice.");
+            shared.audit.record(
+                AuditEvent::new("message.duplicate")
+                    .listener(s.name.as_str())
+                    .actor(peer)
+                    .message(*id)
+                    .control_id(control_id.as_str())
+                    .outcome("acknowledged again, not stored"),
+            );
             Outcome::Accepted
         }
         Err(e) => {
             add(&counters.messages_store_failed, 1);
             tracing::error!(listener = %s.name, peer = %peer, control_id = %control_id, error = %e, "Message not stored; answering AE.");
+            rejected(shared, peer, Some(&msg), "AE", &store_failure_text(e));
             Outcome::Error(ErrCondition::new(
                 207,
                 Severity::Error,

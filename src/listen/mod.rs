@@ -48,6 +48,24 @@ pub struct Shared {
     pub unrouted: crate::config::Unrouted,
     pub counters: Arc<Counters>,
     pub acks: Arc<conn::AckIds>,
+    /// Audit trail of intake and security events.
+    pub audit: crate::store::AuditSink,
+    /// MRN tokens.
+    pub audit_keys: Arc<crate::audit::AuditKeys>,
+}
+
+impl Shared {
+    /// Records a security event of this listener: a refused or failed peer.
+    fn security(&self, event: &str, peer: &SocketAddr, reason: &str) {
+        self.audit.record(
+            crate::audit::Event::new(event)
+                .severity(crate::audit::Severity::Warning)
+                .listener(self.settings.name.as_str())
+                .actor(peer.to_string())
+                .outcome("refused")
+                .with("reason", reason),
+        );
+    }
 }
 
 /// A bound listener, not yet accepting.
@@ -141,12 +159,18 @@ pub async fn accept_loop(
         if !shared.settings.allows(peer.ip()) {
             add(&counters.connections_refused_source, 1);
             tracing::warn!(listener = %name, peer = %peer, "Connection refused: source not in the allow-list.");
+            shared.security("connection.refused", &peer, "source not in the allow-list");
             continue;
         }
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
             add(&counters.connections_over_limit, 1);
             tracing::warn!(listener = %name, peer = %peer,
                 max_connections = shared.settings.max_connections, "Connection refused: listener at its connection limit.");
+            shared.security(
+                "connection.refused",
+                &peer,
+                "listener at its connection limit",
+            );
             continue;
         };
         add(&counters.connections_accepted, 1);
@@ -190,11 +214,13 @@ async fn serve_one(
                 Ok(Err(e)) => {
                     add(&shared.counters.tls_handshake_failures, 1);
                     tracing::warn!(listener = %shared.settings.name, peer = %peer, error = %e, "TLS handshake failed.");
+                    shared.security("auth.failed", &peer, &format!("TLS handshake failed: {e}"));
                     return;
                 }
                 Err(_) => {
                     add(&shared.counters.tls_handshake_failures, 1);
                     tracing::warn!(listener = %shared.settings.name, peer = %peer, "TLS handshake timed out.");
+                    shared.security("auth.failed", &peer, "TLS handshake timed out");
                     return;
                 }
             };
@@ -215,6 +241,11 @@ async fn serve_one(
                 add(&shared.counters.tls_client_not_allowed, 1);
                 tracing::warn!(listener = %shared.settings.name, peer = %peer, client = ?ids,
                             "TLS client refused: identity not in allowed_clients.");
+                shared.security(
+                    "auth.failed",
+                    &peer,
+                    &format!("client identity not in allowed_clients: {}", ids.join(" ")),
+                );
                 return;
             }
             let who = match ids.first() {

@@ -108,7 +108,17 @@ pub struct Meta {
     pub version: String,
     pub size: usize,
     pub received_ms: u64,
+    /// Keyed token of the MRN (PID-3), for audit queries by patient; never the MRN itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrn_token: Option<String>,
+    /// The MRN sealed under the message key (base64), id bound with [`MRN_DOMAIN`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrn_sealed: Option<String>,
 }
+
+/// Or'ed into a message id to seal its MRN: the same key and record id as the body, another
+/// associated datum, so neither ciphertext opens as the other. Ids never reach 2^63.
+pub const MRN_DOMAIN: u64 = 1 << 63;
 
 /// A message to store.
 pub struct Intake {
@@ -116,6 +126,9 @@ pub struct Intake {
     pub raw: Vec<u8>,
     /// Destinations its routes picked; empty for an unrouted message.
     pub destinations: Vec<String>,
+    /// PID-3's MRN, sealed by the writer into `meta.mrn_sealed` (its token is already in
+    /// `meta.mrn_token`).
+    pub mrn: Option<Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -205,6 +218,19 @@ impl Outcomes {
             seq,
             letter,
         });
+    }
+}
+
+/// Sends audit events to the applier, which chains them into the `audit` table in its next
+/// commit (durable within 200 ms). Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: std::sync::mpsc::Sender<Op>,
+}
+
+impl AuditSink {
+    pub fn record(&self, event: crate::audit::Event) {
+        let _ = self.tx.send(Op::Audit(Box::new(event)));
     }
 }
 
@@ -388,6 +414,40 @@ impl StoreReader {
         table.len().map_err(read_err)
     }
 
+    /// Up to `limit` audit records after seq `after`, in order: `(seq, stored value)`.
+    pub fn audit_page(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(crate::audit::AUDIT).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table
+            .range(after.saturating_add(1)..)
+            .map_err(read_err)?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(read_err)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` checkpoints with seq from `from`, in order: `(seq, stored JSON)`.
+    pub fn audit_checkpoints(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let db = db_of(&self.db)?;
+        let tx = db.begin_read().map_err(read_err)?;
+        let table = tx.open_table(crate::audit::CHECKPOINTS).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.range(from..).map_err(read_err)?.take(limit) {
+            let (k, v) = row.map_err(read_err)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The sealed body of message `id`.
     pub fn sealed_body(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let db = db_of(&self.db)?;
@@ -403,6 +463,9 @@ pub struct Running {
     pub handle: StoreHandle,
     pub reader: StoreReader,
     pub outcomes: Outcomes,
+    pub audit: AuditSink,
+    /// Alerts fired per rule since start, for the metrics.
+    pub alerts_fired: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
     pub live: Arc<Live>,
     pub join: std::thread::JoinHandle<()>,
 }
@@ -438,6 +501,12 @@ impl Store {
             tx.open_table(REFS).map_err(|e| open_err(e.into()))?;
             tx.open_table(DONE).map_err(|e| open_err(e.into()))?;
             tx.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(crate::audit::AUDIT)
+                .map_err(|e| open_err(e.into()))?;
+            tx.open_table(crate::audit::CHECKPOINTS)
+                .map_err(|e| open_err(e.into()))?;
+            tx.open_table(crate::audit::AUDIT_META)
+                .map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         let wal_dir = dir.join("wal");
@@ -465,6 +534,9 @@ impl Store {
                 }
                 t.finish()?;
             }
+            // Their `message.received` records never made it either: they come from the log.
+            crate::audit::append(&tx, missing.iter().map(received_event).collect())
+                .map_err(audit_write_err)?;
             tx.commit().map_err(write_err)?;
             tracing::info!(
                 messages = applied,
@@ -508,22 +580,73 @@ impl Store {
         }
     }
 
+    /// Appends audit events durably (the engine stopped, or before it starts), with the alerts
+    /// their time rules raise.
+    pub fn record_events(
+        &self,
+        events: Vec<crate::audit::Event>,
+        alerts: Option<&crate::audit::alerts::AlertSettings>,
+    ) -> Result<(), StoreError> {
+        let mut events = events;
+        if let Some(a) = alerts {
+            let mut alerter = crate::audit::alerts::Alerter::new(a.clone());
+            let raised: Vec<_> = events.iter().flat_map(|e| alerter.observe(e)).collect();
+            events.extend(raised);
+        }
+        let mut tx = self.db.begin_write().map_err(write_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(write_err)?;
+        let (records, _) = crate::audit::append(&tx, events).map_err(audit_write_err)?;
+        tx.commit().map_err(write_err)?;
+        for r in &records {
+            crate::audit::journal(r);
+        }
+        Ok(())
+    }
+
+    /// Stores `hash` as the configuration last started with; returns the one before, if any.
+    pub fn swap_config_hash(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let mut tx = self.db.begin_write().map_err(write_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(write_err)?;
+        let old = {
+            let mut t = tx.open_table(crate::audit::AUDIT_META).map_err(write_err)?;
+            let old = t
+                .insert(crate::audit::CONFIG_HASH, hash.as_bytes())
+                .map_err(write_err)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            old
+        };
+        tx.commit().map_err(write_err)?;
+        Ok(old)
+    }
+
     /// Replays or discards dead letters while the engine is stopped.
     pub fn control(&self, op: &ControlOp) -> Result<Affected, StoreError> {
         let first_seq = self.next_id()?;
         let mut tx = self.db.begin_write().map_err(write_err)?;
         tx.set_durability(Durability::Immediate)
             .map_err(write_err)?;
-        let affected = {
+        let (what, affected) = {
             let mut t = Txn::open(&tx, None)?;
             let now = now_ms();
-            let affected = match op {
-                ControlOp::Replay(sel) => t.replay(sel, first_seq, now)?,
-                ControlOp::Discard(sel) => t.discard(sel, now)?,
+            let done = match op {
+                ControlOp::Replay(sel) => ("message.replayed", t.replay(sel, first_seq, now)?),
+                ControlOp::Discard(sel) => ("message.discarded", t.discard(sel, now)?),
             };
             t.finish()?;
-            affected
+            done
         };
+        let events = affected
+            .iter()
+            .map(|(dest, id)| {
+                crate::audit::Event::new(what)
+                    .destination(dest.as_str())
+                    .message(*id)
+                    .outcome("done")
+            })
+            .collect();
+        crate::audit::append(&tx, events).map_err(audit_write_err)?;
         tx.commit().map_err(write_err)?;
         Ok(affected)
     }
@@ -605,9 +728,17 @@ impl Store {
         envelope: Arc<Envelope>,
         settings: &StoreSettings,
         destinations: &[String],
+        audit: StartAudit,
     ) -> Result<Running, StoreError> {
         let next_id = self.next_id()?;
         let counts = self.counts()?;
+        let last_ckpt = {
+            let tx = self.db.begin_read().map_err(read_err)?;
+            let cps = tx.open_table(crate::audit::CHECKPOINTS).map_err(read_err)?;
+            let last = cps.last().map_err(read_err)?.map_or(0, |(k, _)| k.value());
+            last
+        };
+        let alerts_fired = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
         let wal = Wal::create(&self.wal_dir, next_id).map_err(|source| StoreError::Wal {
             path: self.wal_dir.clone(),
             source,
@@ -639,9 +770,23 @@ impl Store {
             last_sweep: Instant::now(),
             sweep_behind: false,
             prune_cursor: 0,
+            audit: pipeline::AuditState {
+                keys: audit.keys,
+                alerter: crate::audit::alerts::Alerter::new(audit.settings.alerts.clone()),
+                settings: audit.settings,
+                last_ckpt,
+                last_ckpt_at: Instant::now(),
+                dests: destinations.to_vec(),
+                quota: settings.quota,
+                fired: Arc::clone(&alerts_fired),
+            },
+            stopping: false,
         };
         let (tx, rx) = mpsc::channel(settings.max_batch.saturating_mul(4).max(64));
         let outcomes = Outcomes {
+            tx: apply_tx.clone(),
+        };
+        let audit_sink = AuditSink {
             tx: apply_tx.clone(),
         };
         let writer = Writer {
@@ -673,10 +818,18 @@ impl Store {
                 envelope: Some(envelope),
             },
             outcomes,
+            audit: audit_sink,
+            alerts_fired,
             live,
             join,
         })
     }
+}
+
+/// What the applier needs for the audit trail.
+pub struct StartAudit {
+    pub keys: Arc<crate::audit::AuditKeys>,
+    pub settings: crate::config::AuditSettings,
 }
 
 /// Opens (or creates) the redb file with a bounded page cache (redb's default is 1 GiB).
@@ -701,6 +854,47 @@ fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
     let end = 4usize.checked_add(len)?;
     let meta = serde_json::from_slice(rec.get(4..end)?).ok()?;
     Some((meta, rec.get(end..)?))
+}
+
+/// The `message.received` audit record of a logged message: header metadata, the MRN as its
+/// token and sealed, the destinations it was queued for. Derived from the log frame, so it is
+/// exactly as durable as the ACK that followed it.
+pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
+    let mut e = crate::audit::Event::new("message.received")
+        .message(r.id)
+        .outcome("stored; acknowledged")
+        .with(
+            "destinations",
+            if r.destinations.is_empty() {
+                "unrouted".to_string()
+            } else {
+                r.destinations.join(",")
+            },
+        );
+    e.time_ms = r.received_ms;
+    if let Some((m, _)) = split_record(&r.record) {
+        e = e
+            .listener(m.listener)
+            .actor(m.peer)
+            .control_id(m.control_id)
+            .with("sending_application", m.sending_application)
+            .with("sending_facility", m.sending_facility)
+            .with("receiving_application", m.receiving_application)
+            .with("receiving_facility", m.receiving_facility)
+            .with("version", m.version)
+            .with("size", m.size);
+        e.message_type = Some(m.message_type);
+        e.mrn_token = m.mrn_token;
+        e.mrn_sealed = m.mrn_sealed;
+    }
+    e
+}
+
+fn audit_write_err(e: crate::audit::AuditError) -> StoreError {
+    match e {
+        crate::audit::AuditError::Store(e) => StoreError::Write(e),
+        other => StoreError::Write(Box::new(redb::Error::Corrupted(other.to_string()))),
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -745,6 +939,21 @@ mod tests {
     use crate::keys::{load_message_keys, DevSealer};
     use std::time::Duration;
 
+    fn test_audit() -> StartAudit {
+        StartAudit {
+            keys: Arc::new(crate::audit::AuditKeys::derive(
+                &crate::keys::Key::from_bytes([3; 32]),
+            )),
+            settings: crate::config::AuditSettings {
+                retention: Duration::from_secs(3600),
+                checkpoint_every: 10,
+                checkpoint_interval: Duration::from_secs(60),
+                journal_messages: false,
+                alerts: Default::default(),
+            },
+        }
+    }
+
     fn meta(ctrl: &str) -> Meta {
         Meta {
             listener: "t".into(),
@@ -758,6 +967,8 @@ mod tests {
             version: "2.5".into(),
             size: 10,
             received_ms: now_ms(),
+            mrn_token: None,
+            mrn_sealed: None,
         }
     }
 
@@ -776,7 +987,9 @@ mod tests {
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
-        let running = store.start(Arc::clone(&env), &settings, &[]).unwrap();
+        let running = store
+            .start(Arc::clone(&env), &settings, &[], test_audit())
+            .unwrap();
         // Every sender must go for the writer and the applier to stop.
         let Running {
             handle: h,
@@ -784,8 +997,10 @@ mod tests {
             outcomes,
             reader,
             live,
+            audit,
+            alerts_fired,
         } = running;
-        drop((outcomes, reader, live));
+        drop((outcomes, reader, live, audit, alerts_fired));
         let mut tasks = Vec::new();
         for i in 0..100 {
             let h = h.clone();
@@ -794,6 +1009,7 @@ mod tests {
                     meta: meta(&format!("C{}", i % 50)),
                     raw: format!("MSH|CANARY{i}").into_bytes(),
                     destinations: vec![],
+                    mrn: None,
                 })
                 .await
                 .unwrap()
@@ -834,13 +1050,14 @@ mod tests {
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
-        let running = store.start(env, &settings, &[]).unwrap();
+        let running = store.start(env, &settings, &[], test_audit()).unwrap();
         let h = running.handle.clone();
         let submit = |ctrl: &str| {
             h.submit(Intake {
                 meta: meta(ctrl),
                 raw: b"MSH|x".to_vec(),
                 destinations: vec![],
+                mrn: None,
             })
         };
         assert_eq!(submit("A").await.unwrap(), Stored::New(1));

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -15,6 +16,9 @@ use super::wal::{Wal, WalRecord};
 use super::{
     db_of, dedup_key, make_record, now_ms, read_err, write_err, DbSlot, Job, StoreError, Stored,
 };
+use crate::audit::alerts::{Alerter, Levels};
+use crate::audit::{self, AuditKeys, Event, Severity};
+use crate::config::AuditSettings;
 use crate::keys::Envelope;
 
 /// How often the applier prunes expired duplicate-window entries and runs retention, and how
@@ -59,6 +63,7 @@ pub(super) enum Op {
         first_seq: u64,
         reply: oneshot::Sender<Result<Affected, StoreError>>,
     },
+    Audit(Box<Event>),
 }
 
 /// Dedup keys of messages in the log but not yet applied to redb.
@@ -210,7 +215,22 @@ impl Writer {
                 .seal(id, &intake.raw)
                 .map_err(|source| StoreError::Seal { id, source })?;
             batch_keys.insert(dkey, (id, meta.received_ms));
-            let record = make_record(meta, &sealed);
+            let record = match &intake.mrn {
+                None => make_record(meta, &sealed),
+                Some(mrn) => {
+                    let mrn_sealed = self
+                        .envelope
+                        .seal(id | super::MRN_DOMAIN, mrn.as_bytes())
+                        .map_err(|source| StoreError::Seal { id, source })?;
+                    let meta = super::Meta {
+                        mrn_sealed: Some(
+                            base64::engine::general_purpose::STANDARD.encode(mrn_sealed),
+                        ),
+                        ..meta.clone()
+                    };
+                    make_record(&meta, &sealed)
+                }
+            };
             bytes += record.len() as u64;
             records.push(WalRecord {
                 id,
@@ -252,6 +272,21 @@ pub(super) enum Undurable {
     Delivered(String, u64),
     Attempted(String, u64, u32),
     Dead(String, u64, DeadLetter),
+    Audit(Vec<Event>),
+}
+
+/// The applier's share of the audit trail: chaining, checkpoints, retention, alerts.
+pub(super) struct AuditState {
+    pub keys: Arc<AuditKeys>,
+    pub settings: AuditSettings,
+    pub alerter: Alerter,
+    /// Seq of the newest checkpoint, and when it was signed.
+    pub last_ckpt: u64,
+    pub last_ckpt_at: Instant,
+    pub dests: Vec<String>,
+    pub quota: u64,
+    /// Alerts fired per rule, for the metrics.
+    pub fired: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 /// Stage 2: moves logged records and outcomes into redb. Commits without fsync, and with one
@@ -275,6 +310,9 @@ pub(super) struct Applier {
     pub sweep_behind: bool,
     /// Messages below this id have had their duplicate-window entry pruned.
     pub prune_cursor: u64,
+    pub audit: AuditState,
+    /// Set for the last commit at shutdown (it signs a final checkpoint).
+    pub stopping: bool,
 }
 
 impl Applier {
@@ -303,8 +341,10 @@ impl Applier {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     stopping = true;
+                    self.stopping = true;
                     if backlog.is_empty() {
-                        if dirty && self.commit(&mut Vec::new(), true).is_ok() {
+                        // The last commit signs a checkpoint of the whole chain.
+                        if self.commit(&mut Vec::new(), true).is_ok() {
                             self.durable.store(applied_max, Ordering::Release);
                         }
                         return;
@@ -442,6 +482,8 @@ impl Applier {
         .map_err(write_err)?;
         let now = now_ms();
         let mut answers = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        let mut swept = false;
         let counts = {
             let mut t = Txn::open(&tx, Some(self.counts.clone()))?;
             for op in ops.iter() {
@@ -449,6 +491,7 @@ impl Applier {
                     Op::Records(records) => {
                         for r in records {
                             t.insert_record(r)?;
+                            events.push(super::received_event(r));
                         }
                     }
                     Op::Delivered { dest, seq } => t.delivered(dest, *seq, now)?,
@@ -457,16 +500,32 @@ impl Applier {
                         seq,
                         attempts,
                     } => t.attempted(dest, *seq, *attempts)?,
-                    Op::Dead { dest, seq, letter } => t.kill(dest, *seq, letter)?,
-                    Op::Control { op, first_seq, .. } => {
-                        answers.push(match op {
-                            ControlOp::Replay(sel) => t.replay(sel, *first_seq, now)?,
-                            ControlOp::Discard(sel) => t.discard(sel, now)?,
-                        });
+                    Op::Dead { dest, seq, letter } => {
+                        t.kill(dest, *seq, letter)?;
+                        events.push(dead_event(dest, letter));
                     }
+                    Op::Control { op, first_seq, .. } => {
+                        let (what, affected) = match op {
+                            ControlOp::Replay(sel) => {
+                                ("message.replayed", t.replay(sel, *first_seq, now)?)
+                            }
+                            ControlOp::Discard(sel) => ("message.discarded", t.discard(sel, now)?),
+                        };
+                        for (dest, id) in &affected {
+                            events.push(
+                                Event::new(what)
+                                    .destination(dest.as_str())
+                                    .message(*id)
+                                    .outcome("done"),
+                            );
+                        }
+                        answers.push(affected);
+                    }
+                    Op::Audit(e) => events.push((**e).clone()),
                 }
             }
             if self.sweep_behind || self.last_sweep.elapsed() >= SWEEP_EVERY {
+                swept = true;
                 self.last_sweep = Instant::now();
                 let cutoff = now.saturating_sub(self.dedup_window_ms);
                 let pruned = t.prune_dedup(cutoff, &mut self.prune_cursor, SWEEP_MAX)?;
@@ -476,8 +535,28 @@ impl Applier {
                     now.saturating_sub(self.dead_retention_ms),
                     SWEEP_MAX,
                 )?;
-                self.sweep_behind = pruned >= SWEEP_MAX || done >= SWEEP_MAX || dead >= SWEEP_MAX;
+                self.sweep_behind =
+                    pruned >= SWEEP_MAX || done.len() >= SWEEP_MAX || dead.len() >= SWEEP_MAX;
                 let freed = before.saturating_sub(t.counts.get(super::txn::LIVE_BYTES));
+                if !done.is_empty() {
+                    events.push(
+                        Event::new("message.purged")
+                            .outcome("deleted")
+                            .with("reason", "retention after delivery")
+                            .with("count", done.len())
+                            .with("message_ids", audit::id_ranges(&sorted(done.clone()))),
+                    );
+                }
+                for (dest, id) in &dead {
+                    events.push(
+                        Event::new("message.purged")
+                            .destination(dest.as_str())
+                            .message(*id)
+                            .outcome("deleted")
+                            .with("reason", "dead letter retention"),
+                    );
+                }
+                let (done, dead) = (done.len(), dead.len());
                 if done + dead > 0 {
                     self.live.live_bytes.fetch_sub(
                         freed.min(self.live.live_bytes.load(Ordering::Acquire)),
@@ -492,7 +571,9 @@ impl Applier {
             }
             t.finish()?
         };
+        let records = self.chain(&tx, events, swept, &counts, now)?;
         tx.commit().map_err(write_err)?;
+        self.after_chain(&records);
         self.counts = counts.clone();
         *self.live.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
         let mut answers = answers.into_iter();
@@ -513,10 +594,124 @@ impl Applier {
                 Op::Control { reply, .. } => {
                     let _ = reply.send(Ok(answers.next().unwrap_or_default()));
                 }
+                Op::Audit(_) => {}
             }
+        }
+        if !records.is_empty() {
+            self.undurable.push(Undurable::Audit(
+                records.into_iter().map(|r| r.event).collect(),
+            ));
         }
         Ok(())
     }
+
+    /// Chains this commit's events (and the alerts they raise) into the audit table; runs the
+    /// level alerts and audit retention on a sweep; signs a checkpoint when due. Returns the
+    /// records written, to journal once committed.
+    fn chain(
+        &mut self,
+        tx: &redb::WriteTransaction,
+        mut events: Vec<Event>,
+        swept: bool,
+        counts: &Counts,
+        now: u64,
+    ) -> Result<Vec<audit::Record>, StoreError> {
+        let a = &mut self.audit;
+        let raised: Vec<Event> = events.iter().flat_map(|e| a.alerter.observe(e)).collect();
+        events.extend(raised);
+        if swept {
+            let queue = tx.open_table(super::txn::QUEUE).map_err(write_err)?;
+            let mut queues = Vec::with_capacity(a.dests.len());
+            for d in &a.dests {
+                let oldest = queue
+                    .range((d.as_str(), 0)..=(d.as_str(), u64::MAX))
+                    .map_err(write_err)?
+                    .next()
+                    .transpose()
+                    .map_err(write_err)?
+                    .map(|(_, v)| v.value().1);
+                queues.push((d.clone(), counts.get(&super::txn::depth_key(d)), oldest));
+            }
+            drop(queue);
+            events.extend(a.alerter.levels(
+                now,
+                &Levels {
+                    queues: &queues,
+                    stored_bytes: counts.get(super::txn::LIVE_BYTES),
+                    quota: a.quota,
+                },
+            ));
+            let cutoff = now.saturating_sub(a.settings.retention.as_millis() as u64);
+            if let Some((n, anchor)) = audit::purge(tx, cutoff, 50_000).map_err(audit_err)? {
+                events.push(
+                    Event::new("audit.purged")
+                        .outcome("deleted")
+                        .with("records", n)
+                        .with("through_seq", anchor),
+                );
+            }
+        }
+        let (records, head) = audit::append(tx, events).map_err(audit_err)?;
+        let due = head.seq > a.last_ckpt
+            && (self.stopping
+                || head.seq - a.last_ckpt >= a.settings.checkpoint_every
+                || a.last_ckpt_at.elapsed() >= a.settings.checkpoint_interval);
+        if due {
+            audit::put_checkpoint(tx, &a.keys, head, now).map_err(audit_err)?;
+            a.last_ckpt = head.seq;
+            a.last_ckpt_at = Instant::now();
+        }
+        Ok(records)
+    }
+
+    /// Journals committed records and counts the alerts among them.
+    fn after_chain(&self, records: &[audit::Record]) {
+        for r in records {
+            if r.event.severity == Severity::Alert {
+                let rule = r.event.detail.get("rule").cloned().unwrap_or_default();
+                *self
+                    .audit
+                    .fired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(rule)
+                    .or_default() += 1;
+            }
+            if self.audit.settings.journal_messages || audit::journals_by_default(&r.event.event) {
+                audit::journal(r);
+            }
+        }
+    }
+}
+
+fn sorted(mut ids: Vec<u64>) -> Vec<u64> {
+    ids.sort_unstable();
+    ids
+}
+
+fn audit_err(e: audit::AuditError) -> StoreError {
+    match e {
+        audit::AuditError::Store(e) => StoreError::Write(e),
+        other => StoreError::Write(Box::new(redb::Error::Corrupted(other.to_string()))),
+    }
+}
+
+/// The audit record of a queue entry moved to the dead letters.
+fn dead_event(dest: &str, l: &DeadLetter) -> Event {
+    let mut e = Event::new("message.dead_lettered")
+        .severity(Severity::Warning)
+        .destination(dest)
+        .message(l.message_id)
+        .outcome("dead letter")
+        .with("reason", &l.reason)
+        .with("attempts", l.attempts);
+    if let Some(ack) = &l.last_ack {
+        e = e.with("last_ack", ack);
+    }
+    if let Some(code) = l.last_error_code {
+        e = e.with("last_error_code", code);
+    }
+    e
 }
 
 /// Applies again, durably, what a reopen rolled back; returns the counters after.
@@ -535,10 +730,19 @@ fn reapply(db: &Database, changes: &[Undurable]) -> Result<Counts, StoreError> {
                 Undurable::Delivered(dest, seq) => t.delivered(dest, *seq, now)?,
                 Undurable::Attempted(dest, seq, n) => t.attempted(dest, *seq, *n)?,
                 Undurable::Dead(dest, seq, letter) => t.kill(dest, *seq, letter)?,
+                Undurable::Audit(_) => {}
             }
         }
         t.finish()?
     };
+    let events: Vec<Event> = changes
+        .iter()
+        .flat_map(|c| match c {
+            Undurable::Audit(events) => events.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    audit::append(&tx, events).map_err(audit_err)?;
     tx.commit().map_err(write_err)?;
     Ok(counts)
 }

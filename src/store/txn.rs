@@ -320,13 +320,13 @@ impl<'t> Txn<'t> {
     }
 
     /// Deletes done messages older than `done_cutoff` and dead letters older than
-    /// `dead_cutoff`, at most `max` of each. Returns how many of each went.
+    /// `dead_cutoff`, at most `max` of each. Returns the ids of each that went.
     pub fn purge(
         &mut self,
         done_cutoff: u64,
         dead_cutoff: u64,
         max: usize,
-    ) -> Result<(usize, usize), StoreError> {
+    ) -> Result<(Vec<u64>, super::Affected), StoreError> {
         let mut expired = Vec::new();
         for row in self
             .done
@@ -360,7 +360,7 @@ impl<'t> Txn<'t> {
             self.counts.add(&dead_key(dest), -1);
             self.release_ref(*id, dead_cutoff, true)?;
         }
-        Ok((expired.len(), dead.len()))
+        Ok((expired.into_iter().map(|(_, id)| id).collect(), dead))
     }
 
     /// Removes duplicate-window entries of messages received before `cutoff`, walking
