@@ -10,15 +10,35 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
+///
+/// With journald, fields keep their names (upper-cased: `MESSAGE_ID`, `AUDIT_SEQ`,
+/// `CONTROL_ID`, ...) so audit records carry journald's own `MESSAGE_ID`; alerts (target
+/// `hl7edge::alert`) go through a second layer that maps ERROR to priority alert (1) and WARN
+/// to crit (2).
 pub fn init(force_stderr: bool, default_level: &str) {
+    use tracing_journald::{Priority, PriorityMappings};
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::Layer as _;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let registry = tracing_subscriber::registry().with(filter);
     if !force_stderr && std::path::Path::new("/run/systemd/journal/socket").exists() {
-        if let Ok(journald) = tracing_journald::layer() {
-            let _ = registry
-                .with(journald.with_syslog_identifier("hl7edge".into()))
-                .try_init();
+        if let (Ok(journald), Ok(alerts)) = (tracing_journald::layer(), tracing_journald::layer()) {
+            let is_alert = |m: &tracing::Metadata<'_>| m.target() == "hl7edge::alert";
+            let journald = journald
+                .with_syslog_identifier("hl7edge".into())
+                .with_field_prefix(None)
+                .with_filter(filter_fn(move |m| !is_alert(m)));
+            let alerts = alerts
+                .with_syslog_identifier("hl7edge".into())
+                .with_field_prefix(None)
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Alert,
+                    warn: Priority::Critical,
+                    ..PriorityMappings::new()
+                })
+                .with_filter(filter_fn(is_alert));
+            let _ = registry.with(journald).with(alerts).try_init();
             return;
         }
     }
