@@ -265,9 +265,7 @@ fn every_tampering_is_caught_by_audit_verify_at_its_sequence_number() {
     let first_cp_after = *checkpoints.iter().find(|c| **c >= 5).unwrap();
     with_db(&store, |tx| {
         let mut t = tx.open_table(AUDIT).unwrap();
-        let mut prev = split_stored(&t.get(4).unwrap().unwrap().value().to_vec())
-            .unwrap()
-            .0;
+        let mut prev = split_stored(t.get(4).unwrap().unwrap().value()).unwrap().0;
         for seq in 5..=last {
             let v = t.get(seq).unwrap().unwrap().value().to_vec();
             let mut r: Record = serde_json::from_slice(split_stored(&v).unwrap().1).unwrap();
