@@ -426,3 +426,66 @@ fn alert_rules_fire_into_the_audit_trail_and_the_metrics() {
     assert!(alert["detail"]["by"].as_str().unwrap().starts_with("uid:"));
     assert_eq!(inst.stop(), Some(0));
 }
+
+#[test]
+fn retention_purges_the_audit_trail_from_a_checkpoint_and_what_remains_verifies() {
+    let mut inst = Instance::new("", "");
+    let base = std::fs::read_to_string(&inst.config).unwrap();
+    // Below the legal minimum: refused, naming file and key.
+    std::fs::write(
+        &inst.config,
+        base.clone() + "\n[audit]\nretention = \"1y\"\nlegal_minimum = \"6y\"\n",
+    )
+    .unwrap();
+    let out = inst.cli(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hl7edge.toml") && err.contains("audit.retention"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &inst.config,
+        base + "\n[audit]\nretention = \"1s\"\nlegal_minimum = \"1s\"\n\
+                checkpoint_every = 3\ncheckpoint_interval = \"1s\"\n",
+    )
+    .unwrap();
+    inst.start();
+    let mut c = MllpConn::connect(inst.plain_addr());
+    for i in 0..10 {
+        let ack = c.send(&hl7_message("EHR", "ADT^A01^ADT_A01", &format!("RET{i}")));
+        assert_eq!(ack_code(&ack).as_deref(), Some("AA"));
+    }
+    // Records older than a second go, up to a checkpoint signed before the cutoff.
+    let purged = wait_for(&inst, "an audit.purged record", 30, || {
+        let p = export(&inst, &["--event", "audit.purged"]);
+        (!p.is_empty()).then_some(p)
+    });
+    let through: u64 = purged[0]["detail"]["through_seq"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(through >= 3, "{purged:?}");
+    let first = export(&inst, &[]);
+    assert!(
+        first[0]["seq"].as_u64().unwrap() > through,
+        "records through {through} are gone: {:?}",
+        first[0]
+    );
+    // What remains verifies from the anchor checkpoint, running and stopped.
+    let out = inst.cli(&["audit", "verify", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(report["first_seq"].as_u64().unwrap() > 1, "{report}");
+    drop(c);
+    assert_eq!(inst.stop(), Some(0));
+    let out = inst.cli(&["audit", "verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
