@@ -72,6 +72,8 @@ fn a_message_life_is_audited_in_order_and_found_by_mrn_token_and_control_id() {
     assert_eq!(rx["detail"]["receiving_application"], "HL7EDGE");
     assert_eq!(rx["detail"]["receiving_facility"], "HOSP");
     assert_eq!(rx["detail"]["destinations"], "hosp");
+    assert_eq!(rx["outcome"], "stored");
+    assert_eq!(rx["detail"]["ack"], "AA", "the ACK code sent");
     assert!(rx["actor"].as_str().unwrap().starts_with("127.0.0.1:"));
     let token = rx["mrn_token"].as_str().unwrap();
     assert!(token.starts_with("t1:"), "{token}");

@@ -293,9 +293,8 @@ pub struct AckParams<'a> {
     pub control_id: &'a str,
 }
 
-/// Builds the ACK for a parsed message, or `None` when enhanced mode MSH-15 says not to send
-/// one for this outcome (`NE`; `ER` on success; `SU` on error/reject).
-pub fn build_ack(msg: &Message, outcome: &Outcome, params: &AckParams<'_>) -> Option<Vec<u8>> {
+/// The code [`build_ack`] answers `outcome` with, or `None` when MSH-15 asks for no ACK.
+pub fn ack_code_for(msg: &Message, outcome: &Outcome) -> Option<AckCode> {
     let h = msg.header();
     let enhanced = h.is_enhanced_mode();
     let success = matches!(outcome, Outcome::Accepted);
@@ -307,7 +306,15 @@ pub fn build_ack(msg: &Message, outcome: &Outcome, params: &AckParams<'_>) -> Op
     {
         return None;
     }
-    let code = AckCode::for_outcome(outcome, enhanced);
+    Some(AckCode::for_outcome(outcome, enhanced))
+}
+
+/// Builds the ACK for a parsed message, or `None` when enhanced mode MSH-15 says not to send
+/// one for this outcome (`NE`; `ER` on success; `SU` on error/reject).
+pub fn build_ack(msg: &Message, outcome: &Outcome, params: &AckParams<'_>) -> Option<Vec<u8>> {
+    let h = msg.header();
+    let enhanced = h.is_enhanced_mode();
+    let code = ack_code_for(msg, outcome)?;
     Some(write_ack(
         msg.msh_line(),
         msg.delimiters(),

@@ -240,6 +240,12 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
         received_ms: now_ms(),
         mrn_token: None,
         mrn_sealed: None,
+        ack: Some(if s.mllp_release2 {
+            "0x06".to_string()
+        } else {
+            ack::ack_code_for(&msg, &Outcome::Accepted)
+                .map_or("none".to_string(), |c| c.as_str().to_string())
+        }),
     };
     let mrn = mrn(&msg);
     let meta = Meta {

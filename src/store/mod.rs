@@ -114,6 +114,10 @@ pub struct Meta {
     /// The MRN sealed under the message key (base64), id bound with [`MRN_DOMAIN`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mrn_sealed: Option<String>,
+    /// The acknowledgement sent once the message is stored (`AA`, `CA`, `0x06` for MLLP
+    /// release 2, `none` when MSH-15 asks for none), for the audit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<String>,
 }
 
 /// Or'ed into a message id to seal its MRN: the same key and record id as the body, another
@@ -862,7 +866,7 @@ fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
 pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
     let mut e = crate::audit::Event::new("message.received")
         .message(r.id)
-        .outcome("stored; acknowledged")
+        .outcome("stored")
         .with(
             "destinations",
             if r.destinations.is_empty() {
@@ -886,6 +890,9 @@ pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
         e.message_type = Some(m.message_type);
         e.mrn_token = m.mrn_token;
         e.mrn_sealed = m.mrn_sealed;
+        if let Some(ack) = m.ack {
+            e = e.with("ack", ack);
+        }
     }
     e
 }
@@ -969,6 +976,7 @@ mod tests {
             received_ms: now_ms(),
             mrn_token: None,
             mrn_sealed: None,
+            ack: None,
         }
     }
 
