@@ -344,9 +344,11 @@ impl<'t> Txn<'t> {
         let mut dead = Vec::new();
         for row in self.dead.iter().map_err(write_err)? {
             let (k, v) = row.map_err(write_err)?;
+            // An unreadable letter is kept: deleting it (and its message) on a guess would
+            // drop an acknowledged message silently.
             let dead_ms = serde_json::from_slice::<DeadLetter>(v.value())
                 .map(|l| l.dead_ms)
-                .unwrap_or(0);
+                .unwrap_or(u64::MAX);
             if dead_ms < dead_cutoff {
                 let (dest, id) = k.value();
                 dead.push((dest.to_string(), id));
