@@ -381,6 +381,8 @@ fn demo_shows_messages_acknowledged_forwarded_and_the_queue_drained() {
         );
     }
     assert!(stdout.contains("MSA|AA|DEMO0001"), "{stdout}");
+    assert!(stdout.contains("forward.delivered"), "{stdout}");
+    assert!(stdout.contains("audit chain OK"), "{stdout}");
     assert!(stdout.contains("MSA|AR|DEMO0004"), "{stdout}");
     let status = stdout
         .lines()

@@ -249,14 +249,14 @@ pub fn format_ms(ms: u64) -> String {
 pub fn search(src: &Source, filter: &Filter, out: &mut impl Write) -> Result<u64, String> {
     let _ = writeln!(
         out,
-        "{:<24} {:>7} {:<26} {:>8} {:<20} {:<12} {:<14} outcome",
+        "{:<24} {:>7} {:<26} {:>8} {:<20} {:<16} {:<14} outcome",
         "time (UTC)", "seq", "event", "message", "control id", "type", "destination"
     );
     select(src, filter, |x| {
         let e = &x.record.event;
         writeln!(
             out,
-            "{:<24} {:>7} {:<26} {:>8} {:<20} {:<12} {:<14} {}",
+            "{:<24} {:>7} {:<26} {:>8} {:<20} {:<16} {:<14} {}",
             format_ms(e.time_ms),
             x.record.seq,
             e.event,

@@ -250,16 +250,40 @@ pub async fn run(state_dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> 
         "Stored in {} (bodies AES-256-GCM encrypted; metadata only below; delivered messages are kept for the retention period):",
         settings.store.path.display()
     );
-    for (id, m) in store.reader().list()? {
+    let reader = store.reader();
+    for (id, m) in reader.list()? {
         println!(
             "  #{id}  {:<8} {:<16} from {}^{}  control ID {}",
             m.listener, m.message_type, m.sending_application, m.sending_facility, m.control_id
         );
     }
+    audited(&settings, crate::audit::cli::Source::Store(reader))?;
     if !serve {
         println!("\nTo keep the demo running and send your own messages: hl7edge demo --serve");
         print_howto(&pki, mllps_port, mllp_port);
     }
+    Ok(())
+}
+
+/// 4. The audit trail of the run, and its verification.
+fn audited(settings: &Settings, src: crate::audit::cli::Source) -> anyhow::Result<()> {
+    use crate::audit::cli;
+    println!(
+        "\n4. Audited: each step is a hash-chained record with the MRN as a keyed token \
+         (hl7edge audit search|export|verify):\n"
+    );
+    let mut out = std::io::stdout().lock();
+    cli::search(&src, &cli::Filter::default(), &mut out).map_err(anyhow::Error::msg)?;
+    drop(out);
+    let mut sealer = crate::keys::open_sealer(&settings.keys)?;
+    let (_, key) = crate::keys::load_current(
+        sealer.as_mut(),
+        &settings.state_dir,
+        crate::keys::KeyKind::Audit,
+    )?;
+    let public = crate::audit::AuditKeys::derive(&key).verifying_key();
+    let report = cli::verify(&src, public).map_err(anyhow::Error::msg)?;
+    println!("\n  hl7edge audit verify: {}", cli::render_report(&report));
     Ok(())
 }
 
