@@ -79,6 +79,16 @@ pub fn record(settings: &Settings, event: Event) -> Result<(), String> {
         Some(Answer::Recorded) => Ok(()),
         Some(Answer::Error { message }) => Err(message),
         Some(_) => Err("unexpected answer from the engine".into()),
+        // Never create a store for this: `keys unseal-disk` runs at boot before the data
+        // partition that holds it is open, and `keys init` at provisioning before it exists.
+        None if !settings.store.path.exists() => {
+            tracing::warn!(audit_event = %event.event, actor = event.actor.as_deref(),
+                "Not in the audit trail: there is no store yet.");
+            Err(format!(
+                "not recorded: the store {} does not exist yet",
+                settings.store.path.display()
+            ))
+        }
         None => Store::open(&settings.store)
             .map_err(|e| e.to_string())?
             .record_events(vec![event], Some(&settings.audit.alerts))
