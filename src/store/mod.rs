@@ -512,6 +512,11 @@ impl Store {
             tx.open_table(crate::audit::AUDIT_META)
                 .map_err(|e| open_err(e.into()))?;
         }
+        {
+            let mut t = Txn::open(&tx, None)?;
+            t.index_dead_letters()?;
+            t.finish()?;
+        }
         tx.commit().map_err(|e| open_err(e.into()))?;
         let wal_dir = dir.join("wal");
         let store = Store { db, path, wal_dir };

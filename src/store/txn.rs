@@ -9,6 +9,7 @@
 //!   is its key range, in seq order: intake uses the message id as seq, a replay takes new seqs
 //!   past every id in use, so a replayed message goes to the back.
 //! - `dead`: `(destination, message id) -> JSON DeadLetter`.
+//! - `dead_time`: `(dead ms, destination, message id) -> ()`: `dead` by time, for retention.
 //! - `refs`: `message id -> queue and dead entries left`. When it reaches zero the message is
 //!   done and goes to `done`.
 //! - `done`: `(done ms, message id) -> ()`, the retention sweep's index.
@@ -17,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::wal::WalRecord;
@@ -28,6 +29,9 @@ pub(super) const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::ne
 pub(super) const QUEUE: TableDefinition<(&str, u64), (u64, u64, u32)> =
     TableDefinition::new("queue");
 pub(super) const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead");
+/// Dead letters by the time they died, so the retention sweep reads only the expired ones.
+pub(super) const DEAD_TIME: TableDefinition<(u64, &str, u64), ()> =
+    TableDefinition::new("dead_time");
 pub(super) const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 pub(super) const DONE: TableDefinition<(u64, u64), ()> = TableDefinition::new("done");
 pub(super) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -113,6 +117,7 @@ pub(super) struct Txn<'t> {
     dedup: Table<'t, &'static [u8], (u64, u64)>,
     queue: Table<'t, (&'static str, u64), (u64, u64, u32)>,
     dead: Table<'t, (&'static str, u64), &'static [u8]>,
+    dead_time: Table<'t, (u64, &'static str, u64), ()>,
     refs: Table<'t, u64, u32>,
     done: Table<'t, (u64, u64), ()>,
     counters: Table<'t, &'static str, u64>,
@@ -132,6 +137,7 @@ impl<'t> Txn<'t> {
             dedup: tx.open_table(DEDUP).map_err(write_err)?,
             queue: tx.open_table(QUEUE).map_err(write_err)?,
             dead: tx.open_table(DEAD).map_err(write_err)?,
+            dead_time: tx.open_table(DEAD_TIME).map_err(write_err)?,
             refs: tx.open_table(REFS).map_err(write_err)?,
             done: tx.open_table(DONE).map_err(write_err)?,
             counters,
@@ -261,13 +267,53 @@ impl<'t> Txn<'t> {
             .dead
             .insert((dest, letter.message_id), json.as_slice())
             .map_err(write_err)?
-            .is_some();
+            .map(|v| dead_ms_of(v.value()));
+        if let Some(Some(old_ms)) = previous {
+            self.dead_time
+                .remove((old_ms, dest, letter.message_id))
+                .map_err(write_err)?;
+        }
+        self.dead_time
+            .insert((letter.dead_ms, dest, letter.message_id), ())
+            .map_err(write_err)?;
+        let previous = previous.is_some();
         self.counts.add(&depth_key(dest), -1);
         if previous {
             // Already dead here once (replayed and died again): one ref for one entry.
             self.release_ref(letter.message_id, letter.dead_ms, false)?;
         } else {
             self.counts.add(&dead_key(dest), 1);
+        }
+        Ok(())
+    }
+
+    /// Removes a dead letter and its time index entry.
+    fn remove_dead(&mut self, dest: &str, id: u64) -> Result<(), StoreError> {
+        let removed = self.dead.remove((dest, id)).map_err(write_err)?;
+        if let Some(ms) = removed.and_then(|v| dead_ms_of(v.value())) {
+            self.dead_time.remove((ms, dest, id)).map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    /// Builds `dead_time` from `dead` when it is empty (a store from before the index).
+    pub fn index_dead_letters(&mut self) -> Result<(), StoreError> {
+        if !self.dead_time.is_empty().map_err(write_err)? {
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        for row in self.dead.iter().map_err(write_err)? {
+            let (k, v) = row.map_err(write_err)?;
+            let (dest, id) = k.value();
+            // An unreadable letter stays out of the index: never purged on a guess.
+            if let Some(ms) = dead_ms_of(v.value()) {
+                rows.push((ms, dest.to_string(), id));
+            }
+        }
+        for (ms, dest, id) in rows {
+            self.dead_time
+                .insert((ms, dest.as_str(), id), ())
+                .map_err(write_err)?;
         }
         Ok(())
     }
@@ -297,7 +343,7 @@ impl<'t> Txn<'t> {
     ) -> Result<Vec<(String, u64)>, StoreError> {
         let picked = self.select_dead(sel)?;
         for (seq, (dest, id)) in (first_seq..).zip(picked.iter()) {
-            self.dead.remove((dest.as_str(), *id)).map_err(write_err)?;
+            self.remove_dead(dest, *id)?;
             self.queue
                 .insert((dest.as_str(), seq), (*id, now, 0))
                 .map_err(write_err)?;
@@ -312,7 +358,7 @@ impl<'t> Txn<'t> {
     pub fn discard(&mut self, sel: &Selector, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
         let picked = self.select_dead(sel)?;
         for (dest, id) in &picked {
-            self.dead.remove((dest.as_str(), *id)).map_err(write_err)?;
+            self.remove_dead(dest, *id)?;
             self.counts.add(&dead_key(dest), -1);
             self.release_ref(*id, now, false)?;
         }
@@ -342,26 +388,33 @@ impl<'t> Txn<'t> {
             self.delete_message(*id)?;
         }
         let mut dead = Vec::new();
-        for row in self.dead.iter().map_err(write_err)? {
-            let (k, v) = row.map_err(write_err)?;
-            // An unreadable letter is kept: deleting it (and its message) on a guess would
-            // drop an acknowledged message silently.
-            let dead_ms = serde_json::from_slice::<DeadLetter>(v.value())
-                .map(|l| l.dead_ms)
-                .unwrap_or(u64::MAX);
-            if dead_ms < dead_cutoff {
-                let (dest, id) = k.value();
-                dead.push((dest.to_string(), id));
-                if dead.len() >= max {
-                    break;
-                }
+        for row in self
+            .dead_time
+            .range(..(dead_cutoff, "", 0))
+            .map_err(write_err)?
+            .take(max)
+        {
+            let (k, _) = row.map_err(write_err)?;
+            let (ms, dest, id) = k.value();
+            dead.push((ms, dest.to_string(), id));
+        }
+        let mut purged = Vec::with_capacity(dead.len());
+        for (ms, dest, id) in dead {
+            self.dead_time
+                .remove((ms, dest.as_str(), id))
+                .map_err(write_err)?;
+            if self
+                .dead
+                .remove((dest.as_str(), id))
+                .map_err(write_err)?
+                .is_some()
+            {
+                self.counts.add(&dead_key(&dest), -1);
+                self.release_ref(id, dead_cutoff, true)?;
+                purged.push((dest, id));
             }
         }
-        for (dest, id) in &dead {
-            self.dead.remove((dest.as_str(), *id)).map_err(write_err)?;
-            self.counts.add(&dead_key(dest), -1);
-            self.release_ref(*id, dead_cutoff, true)?;
-        }
+        let dead = purged;
         Ok((expired.into_iter().map(|(_, id)| id).collect(), dead))
     }
 
@@ -397,4 +450,11 @@ impl<'t> Txn<'t> {
         }
         Ok(walked)
     }
+}
+
+/// When a stored dead letter died; `None` when it cannot be read.
+fn dead_ms_of(json: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<DeadLetter>(json)
+        .ok()
+        .map(|l| l.dead_ms)
 }
