@@ -171,6 +171,21 @@ pub fn encode_rows(rows: Vec<(u64, Vec<u8>)>) -> Vec<(u64, String)> {
 impl Context {
     /// Answers a request from local user `uid`, auditing operator actions.
     async fn answer_audited(&self, req: Request, uid: Option<u32>) -> Answer {
+        // A command's own record: only operator (`admin.*`) events, and the actor is who is
+        // on the socket, whatever the request says.
+        let req = match req {
+            Request::AuditRecord(e) if !e.event.starts_with("admin.") => {
+                return Answer::Error {
+                    message: format!("only admin.* events may be recorded, not {}", e.event),
+                }
+            }
+            Request::AuditRecord(mut e) => {
+                e.actor = Some(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")));
+                e.severity = crate::audit::Severity::Info;
+                Request::AuditRecord(e)
+            }
+            other => other,
+        };
         let event = admin_event(&req, uid);
         let answer = self.answer(req).await;
         if let Some(mut e) = event {

@@ -367,33 +367,39 @@ impl Signals {
 /// Audits the start: `engine.started`, and `config.changed` (old and new hash, the file's
 /// owner) when the configuration differs from the one last started with.
 fn record_start(store: &Store, settings: &Settings) -> Result<(), StoreError> {
-    let old = store.swap_config_hash(&settings.config_hash)?;
-    let mut events = vec![Event::new("engine.started")
-        .actor("engine")
-        .outcome("started")
-        .with("version", env!("CARGO_PKG_VERSION"))
-        .with("config", settings.source.display())
-        .with("config_hash", &settings.config_hash)];
-    if old.as_deref() != Some(settings.config_hash.as_str()) {
-        use std::os::unix::fs::MetadataExt;
-        let who = std::fs::metadata(&settings.source)
-            .map(|m| format!("file owner uid:{}", m.uid()))
-            .unwrap_or_else(|_| "unknown".into());
-        events.push(
-            Event::new("config.changed")
-                .severity(Severity::Warning)
-                .actor(who)
-                .outcome(if old.is_some() {
-                    "changed"
-                } else {
-                    "first start"
-                })
-                .with("file", settings.source.display())
-                .with("old_hash", old.as_deref().unwrap_or("-"))
-                .with("new_hash", &settings.config_hash),
-        );
-    }
-    store.record_events(events, Some(&settings.audit.alerts))
+    let started = |old: Option<String>| {
+        let mut events = vec![Event::new("engine.started")
+            .actor("engine")
+            .outcome("started")
+            .with("version", env!("CARGO_PKG_VERSION"))
+            .with("config", settings.source.display())
+            .with("config_hash", &settings.config_hash)];
+        if old.as_deref() != Some(settings.config_hash.as_str()) {
+            use std::os::unix::fs::MetadataExt;
+            let who = std::fs::metadata(&settings.source)
+                .map(|m| format!("file owner uid:{}", m.uid()))
+                .unwrap_or_else(|_| "unknown".into());
+            events.push(
+                Event::new("config.changed")
+                    .severity(Severity::Warning)
+                    .actor(who)
+                    .outcome(if old.is_some() {
+                        "changed"
+                    } else {
+                        "first start"
+                    })
+                    .with("file", settings.source.display())
+                    .with("old_hash", old.as_deref().unwrap_or("-"))
+                    .with("new_hash", &settings.config_hash),
+            );
+        }
+        events
+    };
+    store.record_with_config(
+        Some(&settings.config_hash),
+        started,
+        Some(&settings.audit.alerts),
+    )
 }
 
 /// Every certificate file the configuration names, with what it is.

@@ -155,6 +155,7 @@ struct AuditQuery {
     #[arg(long)]
     until: Option<String>,
     /// Records of this patient's messages (the MRN is turned into its token; never stored).
+    /// `-` reads it from stdin, keeping it out of the process list and shell history.
     #[arg(long)]
     mrn: Option<String>,
     /// Records of the message with this MSH-10.
@@ -256,7 +257,7 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
         }
         Command::Keys { config, command } => {
             let settings = load(&config)?;
-            hl7edge::telemetry::init(true, "warn,tss_esapi=off");
+            init_cli_logging();
             lock_memory();
             let op = keys_op_name(&command);
             let result = keys(&settings, command);
@@ -289,6 +290,7 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             command: StoreCommand::Compact { config },
         } => {
             let settings = load(&config)?;
+            init_cli_logging();
             let store = open_store(&settings)?;
             let (before, after) = store.compact().map_err(|e| {
                 eprintln!("hl7edge: {e}");
@@ -315,7 +317,7 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
         } => queue(&config, json, command),
         Command::Audit { config, command } => {
             let settings = load(&config)?;
-            hl7edge::telemetry::init(true, "warn,tss_esapi=off");
+            init_cli_logging();
             audit(&settings, command)
         }
         Command::Store {
@@ -335,6 +337,19 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             }
             Ok(())
         }
+    }
+}
+
+/// Logging of the operator commands (`keys`, `audit`, `queue`, `store`): warnings to stderr,
+/// or to journald when it runs, with the audit records these commands append.
+fn init_cli_logging() {
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        hl7edge::telemetry::init(
+            false,
+            "warn,hl7edge::audit=info,hl7edge::alert=info,tss_esapi=off",
+        );
+    } else {
+        hl7edge::telemetry::init(true, "warn,tss_esapi=off");
     }
 }
 
@@ -554,6 +569,7 @@ fn queue(config: &std::path::Path, json: bool, command: QueueCommand) -> Result<
     use hl7edge::control::{self, Answer, Request};
     use hl7edge::store::{ControlOp, Selector};
     let settings = load(config)?;
+    init_cli_logging();
     let req = match command {
         QueueCommand::Status => Request::Status,
         QueueCommand::Dead { destination } => Request::Dead { destination },
@@ -744,7 +760,13 @@ fn audit_query(
         })
         .transpose()
     };
-    let mrn_token = match &q.mrn {
+    let mrn_token = match q.mrn.as_deref() {
+        // `-`: read from stdin, so the MRN is not in the process list or shell history.
+        Some("-") => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut line).map_err(fail)?;
+            Some(audit_keys(settings)?.token(line.trim()))
+        }
         Some(mrn) => Some(audit_keys(settings)?.token(mrn)),
         None => None,
     };

@@ -88,6 +88,49 @@ fn a_message_life_is_audited_in_order_and_found_by_mrn_token_and_control_id() {
     let all = serde_json::to_string(&life).unwrap();
     assert!(!all.contains("MRNLIFE1") && !all.contains("DOE"), "{all}");
 
+    // The MRN may come on stdin, out of the process list.
+    let mut child = std::process::Command::new(BIN)
+        .args(["audit", "export", "--mrn", "-", "--config"])
+        .arg(&inst.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"MRNLIFE1\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        2,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Through the control socket a command records only its own operator event, under the
+    // socket's real user.
+    let ask = |line: &str| {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(inst.dir.path().join("state/control.sock"))
+                .unwrap();
+        std::io::Write::write_all(&mut s, format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut answer).unwrap();
+        answer
+    };
+    let forged =
+        ask(r#"{"cmd":"auditrecord","time_ms":1,"event":"alert.failed_auth","severity":"alert"}"#);
+    assert!(forged.contains("only admin.* events"), "{forged}");
+    let own = ask(r#"{"cmd":"auditrecord","time_ms":1,"event":"admin.note","actor":"uid:4242"}"#);
+    assert!(own.contains("recorded"), "{own}");
+    let note = wait_for(&inst, "the admin.note record", 30, || {
+        export(&inst, &["--event", "admin.note"]).pop()
+    });
+    let me = format!("uid:{}", nix::unistd::getuid().as_raw());
+    assert_eq!(
+        note["actor"],
+        me.as_str(),
+        "the actor is who is on the socket"
+    );
+
     // By control ID: the same life; the other patient's message is in neither.
     let by_ctrl = export(&inst, &["--control-id", "LIFE1"]);
     assert_eq!(events(&by_ctrl), events(&life));
@@ -157,13 +200,22 @@ fn every_tampering_is_caught_by_audit_verify_at_its_sequence_number() {
     std::fs::write(&inst.config, text).unwrap();
     inst.start();
     let mut c = MllpConn::connect(inst.plain_addr());
-    for i in 0..30 {
-        let ack = c.send(&hl7_message(
-            "EHR",
-            "ADT^A01^ADT_A01",
-            &format!("TAMPER{i}"),
-        ));
-        assert_eq!(ack_code(&ack).as_deref(), Some("AA"));
+    // Three rounds, each signed by a checkpoint (they are signed in durable commits, every
+    // 200 ms) before the next.
+    for round in 0..3u64 {
+        for i in 0..10 {
+            let ack = c.send(&hl7_message(
+                "EHR",
+                "ADT^A01^ADT_A01",
+                &format!("TAMPER{round}-{i}"),
+            ));
+            assert_eq!(ack_code(&ack).as_deref(), Some("AA"));
+        }
+        wait_for(&inst, "a checkpoint over the round", 30, || {
+            let out = inst.cli(&["audit", "verify", "--json"]);
+            let r: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (r["checkpoints_verified"].as_u64()? > round).then_some(())
+        });
     }
     drop(c);
     assert_eq!(inst.stop(), Some(0));
@@ -222,6 +274,26 @@ fn every_tampering_is_caught_by_audit_verify_at_its_sequence_number() {
         tx.open_table(AUDIT).unwrap().remove(9).unwrap();
     });
     expect_broken(9, "deleted");
+
+    // One record inserted at 12, chained to record 11 as a careful forger would: the chain
+    // holds up to it, and breaks at 13, which now holds record 12.
+    with_db(&store, |tx| {
+        let mut t = tx.open_table(AUDIT).unwrap();
+        for seq in (12..=last).rev() {
+            let v = t.get(seq).unwrap().unwrap().value().to_vec();
+            t.insert(seq + 1, v.as_slice()).unwrap();
+        }
+        let prev = split_stored(t.get(11).unwrap().unwrap().value()).unwrap().0;
+        let eleven = t.get(11).unwrap().unwrap().value().to_vec();
+        let mut r: Record = serde_json::from_slice(split_stored(&eleven).unwrap().1).unwrap();
+        r.seq = 12;
+        r.event.event = "admin.forged".into();
+        let c = r.canonical();
+        let mut forged = chain_hash(&prev, &c).to_vec();
+        forged.extend_from_slice(&c);
+        t.insert(12, forged.as_slice()).unwrap();
+    });
+    expect_broken(13, "inserted and chained");
 
     // One record inserted at 12: the rest moved up by one.
     with_db(&store, |tx| {

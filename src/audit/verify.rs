@@ -47,6 +47,9 @@ pub struct Verifier {
     /// Checkpoints not yet reached, ascending.
     pending: std::collections::VecDeque<(u64, Result<Checkpoint, String>)>,
     max_checkpoint: u64,
+    /// `through_seq` of every `audit.purged` record seen: a chain that starts after seq 1 must
+    /// say so itself, or its prefix was deleted.
+    purged_through: std::collections::HashSet<u64>,
     problem: Option<Problem>,
 }
 
@@ -62,6 +65,7 @@ impl Verifier {
             checkpoints_verified: 0,
             pending: Default::default(),
             max_checkpoint: 0,
+            purged_through: Default::default(),
             problem: None,
         }
     }
@@ -104,7 +108,11 @@ impl Verifier {
             None => {
                 // The first record: seq 1, or the one after the anchor checkpoint of a purge.
                 self.first = Some(seq);
-                if seq != 1 {
+                if seq > 1 {
+                    // Checkpoints older than the anchor went with the purged records.
+                    while self.pending.front().is_some_and(|(s, _)| *s < seq - 1) {
+                        self.pending.pop_front();
+                    }
                     match self.pending.front() {
                         Some((a, Ok(cp))) if *a == seq - 1 => {
                             self.prev = cp.hash_bytes().unwrap_or_default();
@@ -118,12 +126,11 @@ impl Verifier {
                             return;
                         }
                         _ => {
-                            let from = self.pending_before(seq).unwrap_or(1);
                             self.fail(
-                                from,
+                                1,
                                 format!(
-                                    "records {from} to {} are missing (deleted) and no \
-                                     checkpoint anchors the chain at {}",
+                                    "records 1 to {} are missing (deleted) and no checkpoint \
+                                     anchors the chain at {}",
                                     seq - 1,
                                     seq - 1
                                 ),
@@ -151,6 +158,16 @@ impl Verifier {
             return;
         };
         match serde_json::from_slice::<Record>(canonical) {
+            Ok(r) if r.seq == seq && r.event.event == "audit.purged" => {
+                if let Some(t) = r
+                    .event
+                    .detail
+                    .get("through_seq")
+                    .and_then(|t| t.parse().ok())
+                {
+                    self.purged_through.insert(t);
+                }
+            }
             Ok(r) if r.seq != seq => {
                 self.fail(
                     seq,
@@ -179,7 +196,7 @@ impl Verifier {
         }
         self.prev = computed;
         self.records += 1;
-        self.expected = Some(seq + 1);
+        self.expected = Some(seq.saturating_add(1));
         if self.pending.front().is_some_and(|(s, _)| *s == seq) {
             if let Some((_, cp)) = self.pending.pop_front() {
                 match cp {
@@ -203,16 +220,22 @@ impl Verifier {
         }
     }
 
-    fn pending_before(&self, seq: u64) -> Option<u64> {
-        self.pending
-            .iter()
-            .filter(|(s, _)| *s < seq)
-            .map(|(s, _)| s + 1)
-            .max()
-    }
-
     pub fn finish(mut self) -> VerifyReport {
         let last = self.expected.map(|e| e - 1);
+        if self.problem.is_none() {
+            if let Some(first) = self.first.filter(|f| *f > 1) {
+                if !self.purged_through.contains(&(first - 1)) {
+                    self.fail(
+                        1,
+                        format!(
+                            "records 1 to {} are missing and no audit.purged record says \
+                             retention deleted them (a deleted prefix)",
+                            first - 1
+                        ),
+                    );
+                }
+            }
+        }
         if self.problem.is_none() {
             let end = last.unwrap_or(0);
             if self.max_checkpoint > end {
@@ -256,10 +279,20 @@ mod tests {
             let r = Record {
                 v: RECORD_VERSION,
                 seq,
-                event: Event {
-                    time_ms: seq,
-                    event: "test.event".into(),
-                    ..Event::default()
+                event: if seq == 15 {
+                    // What retention leaves after deleting records 1 to 10.
+                    Event {
+                        time_ms: seq,
+                        event: "audit.purged".into(),
+                        ..Event::default()
+                    }
+                    .with("through_seq", 10)
+                } else {
+                    Event {
+                        time_ms: seq,
+                        event: "test.event".into(),
+                        ..Event::default()
+                    }
                 },
             };
             let c = r.canonical();
@@ -366,5 +399,10 @@ mod tests {
         // Without the anchor, the missing prefix is reported from seq 1.
         let rep = run(&k, &rest, &c[1..]);
         assert_eq!(rep.problem.unwrap().seq, 1);
+        // A prefix deleted up to a checkpoint, with no retention record saying so.
+        let rest: Vec<_> = r[20..].to_vec();
+        let p = run(&k, &rest, &c).problem.unwrap();
+        assert_eq!(p.seq, 1);
+        assert!(p.what.contains("deleted prefix"), "{}", p.what);
     }
 }

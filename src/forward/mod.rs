@@ -494,9 +494,10 @@ fn classify(answer: &[u8], control_id: &str) -> Result<(), Failure> {
         return Err(attempt("the answer has no MSA segment with a valid MSA-1"));
     };
     if info.control_id != control_id {
+        // MSA-2 is the destination's text: kept short, never whole, in reasons.
+        let got: String = info.control_id.chars().take(40).collect();
         return Err(attempt(&format!(
-            "the ACK's MSA-2 {:?} does not match the sent MSH-10 {:?}",
-            info.control_id, control_id
+            "the ACK's MSA-2 {got:?} does not match the sent MSH-10 {control_id:?}"
         )));
     }
     match info.code {

@@ -596,38 +596,44 @@ impl Store {
         events: Vec<crate::audit::Event>,
         alerts: Option<&crate::audit::alerts::AlertSettings>,
     ) -> Result<(), StoreError> {
-        let mut events = events;
+        self.record_with_config(None, |_| events, alerts)
+    }
+
+    /// Like [`Store::record_events`], and in the same transaction stores `config_hash` as the
+    /// configuration started with: `events` gets the one before, so a change is recorded
+    /// exactly when it is first seen, or not at all.
+    pub fn record_with_config(
+        &self,
+        config_hash: Option<&str>,
+        events: impl FnOnce(Option<String>) -> Vec<crate::audit::Event>,
+        alerts: Option<&crate::audit::alerts::AlertSettings>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(write_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(write_err)?;
+        let old = match config_hash {
+            None => None,
+            Some(hash) => {
+                let mut t = tx.open_table(crate::audit::AUDIT_META).map_err(write_err)?;
+                let old = t
+                    .insert(crate::audit::CONFIG_HASH, hash.as_bytes())
+                    .map_err(write_err)?
+                    .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+                old
+            }
+        };
+        let mut events = events(old);
         if let Some(a) = alerts {
             let mut alerter = crate::audit::alerts::Alerter::new(a.clone());
             let raised: Vec<_> = events.iter().flat_map(|e| alerter.observe(e)).collect();
             events.extend(raised);
         }
-        let mut tx = self.db.begin_write().map_err(write_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(write_err)?;
         let (records, _) = crate::audit::append(&tx, events).map_err(audit_write_err)?;
         tx.commit().map_err(write_err)?;
         for r in &records {
             crate::audit::journal(r);
         }
         Ok(())
-    }
-
-    /// Stores `hash` as the configuration last started with; returns the one before, if any.
-    pub fn swap_config_hash(&self, hash: &str) -> Result<Option<String>, StoreError> {
-        let mut tx = self.db.begin_write().map_err(write_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(write_err)?;
-        let old = {
-            let mut t = tx.open_table(crate::audit::AUDIT_META).map_err(write_err)?;
-            let old = t
-                .insert(crate::audit::CONFIG_HASH, hash.as_bytes())
-                .map_err(write_err)?
-                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
-            old
-        };
-        tx.commit().map_err(write_err)?;
-        Ok(old)
     }
 
     /// Replays or discards dead letters while the engine is stopped.

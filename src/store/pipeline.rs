@@ -272,7 +272,8 @@ pub(super) enum Undurable {
     Delivered(String, u64),
     Attempted(String, u64, u32),
     Dead(String, u64, DeadLetter),
-    Audit(Vec<Event>),
+    /// Audit records from this seq on.
+    Audit(u64, Vec<Event>),
 }
 
 /// The applier's share of the audit trail: chaining, checkpoints, retention, alerts.
@@ -571,8 +572,13 @@ impl Applier {
             }
             t.finish()?
         };
-        let records = self.chain(&tx, events, swept, &counts, now)?;
+        let (records, checkpoint) = self.chain(&tx, events, swept, &counts, now, durable)?;
         tx.commit().map_err(write_err)?;
+        if let Some(cp) = checkpoint {
+            self.audit.last_ckpt = cp.seq;
+            self.audit.last_ckpt_at = Instant::now();
+            audit::journal_checkpoint(&cp);
+        }
         self.after_chain(&records);
         self.counts = counts.clone();
         *self.live.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
@@ -597,8 +603,9 @@ impl Applier {
                 Op::Audit(_) => {}
             }
         }
-        if !records.is_empty() {
+        if let Some(first) = records.first().map(|r| r.seq) {
             self.undurable.push(Undurable::Audit(
+                first,
                 records.into_iter().map(|r| r.event).collect(),
             ));
         }
@@ -606,8 +613,9 @@ impl Applier {
     }
 
     /// Chains this commit's events (and the alerts they raise) into the audit table; runs the
-    /// level alerts and audit retention on a sweep; signs a checkpoint when due. Returns the
-    /// records written, to journal once committed.
+    /// level alerts and audit retention on a sweep; signs a checkpoint when due, and only in a
+    /// durable commit (a checkpoint never vouches for records a crash could roll back).
+    /// Returns the records written and the checkpoint, to journal once committed.
     fn chain(
         &mut self,
         tx: &redb::WriteTransaction,
@@ -615,7 +623,8 @@ impl Applier {
         swept: bool,
         counts: &Counts,
         now: u64,
-    ) -> Result<Vec<audit::Record>, StoreError> {
+        durable: bool,
+    ) -> Result<(Vec<audit::Record>, Option<audit::Checkpoint>), StoreError> {
         let a = &mut self.audit;
         let raised: Vec<Event> = events.iter().flat_map(|e| a.alerter.observe(e)).collect();
         events.extend(raised);
@@ -652,16 +661,17 @@ impl Applier {
             }
         }
         let (records, head) = audit::append(tx, events).map_err(audit_err)?;
-        let due = head.seq > a.last_ckpt
+        let due = durable
+            && head.seq > a.last_ckpt
             && (self.stopping
                 || head.seq - a.last_ckpt >= a.settings.checkpoint_every
                 || a.last_ckpt_at.elapsed() >= a.settings.checkpoint_interval);
-        if due {
-            audit::put_checkpoint(tx, &a.keys, head, now).map_err(audit_err)?;
-            a.last_ckpt = head.seq;
-            a.last_ckpt_at = Instant::now();
-        }
-        Ok(records)
+        let checkpoint = if due {
+            Some(audit::put_checkpoint(tx, &a.keys, head, now).map_err(audit_err)?)
+        } else {
+            None
+        };
+        Ok((records, checkpoint))
     }
 
     /// Journals committed records and counts the alerts among them.
@@ -714,7 +724,9 @@ fn dead_event(dest: &str, l: &DeadLetter) -> Event {
     e
 }
 
-/// Applies again, durably, what a reopen rolled back; returns the counters after.
+/// Applies again, durably, what a reopen rolled back; returns the counters after. A reopen
+/// after an error other than I/O keeps the commits instead (redb makes them durable on close):
+/// what is already there is not applied twice.
 fn reapply(db: &Database, changes: &[Undurable]) -> Result<Counts, StoreError> {
     let tx = db.begin_write().map_err(write_err)?;
     let now = now_ms();
@@ -724,25 +736,26 @@ fn reapply(db: &Database, changes: &[Undurable]) -> Result<Counts, StoreError> {
             match c {
                 Undurable::Records(records) => {
                     for r in records {
-                        t.insert_record(r)?;
+                        if !t.has_message(r.id)? {
+                            t.insert_record(r)?;
+                        }
                     }
                 }
                 Undurable::Delivered(dest, seq) => t.delivered(dest, *seq, now)?,
                 Undurable::Attempted(dest, seq, n) => t.attempted(dest, *seq, *n)?,
                 Undurable::Dead(dest, seq, letter) => t.kill(dest, *seq, letter)?,
-                Undurable::Audit(_) => {}
+                Undurable::Audit(..) => {}
             }
         }
         t.finish()?
     };
-    let events: Vec<Event> = changes
-        .iter()
-        .flat_map(|c| match c {
-            Undurable::Audit(events) => events.clone(),
-            _ => Vec::new(),
-        })
-        .collect();
-    audit::append(&tx, events).map_err(audit_err)?;
+    for c in changes {
+        if let Undurable::Audit(first, events) = c {
+            if audit::head(&tx).map_err(audit_err)?.seq < *first {
+                audit::append(&tx, events.clone()).map_err(audit_err)?;
+            }
+        }
+    }
     tx.commit().map_err(write_err)?;
     Ok(counts)
 }

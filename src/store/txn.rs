@@ -153,6 +153,10 @@ impl<'t> Txn<'t> {
         Ok(self.counts)
     }
 
+    pub fn has_message(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.messages.get(id).map_err(write_err)?.is_some())
+    }
+
     /// Stores a logged message and its queue entries.
     pub fn insert_record(&mut self, r: &WalRecord) -> Result<(), StoreError> {
         self.messages
