@@ -82,6 +82,12 @@ impl Engine {
         let store = Store::open(&settings.store)?;
         tracing::info!(path = %store.path().display(), "Store open.");
         tracing::info!(sealer = %sealer.describe(), "Unsealing keys.");
+        // Keys generated on this start (the first one) are audited once the store takes records.
+        let generated: Vec<&'static str> = [keys::KeyKind::Message, keys::KeyKind::Audit]
+            .into_iter()
+            .filter(|k| keys::sealed_ids(&settings.state_dir, *k).is_ok_and(|ids| ids.is_empty()))
+            .map(|k| k.name())
+            .collect();
         let unsealed = (|| {
             let has_records = store.has_records().map_err(|e| {
                 KeyError::Random(format!("cannot tell whether the store holds records: {e}"))
@@ -142,7 +148,7 @@ impl Engine {
                 _ => None,
             });
         }
-        record_start(&store, settings)?;
+        record_start(&store, settings, &generated)?;
         let running = store.start(
             envelope,
             &settings.store,
@@ -366,7 +372,11 @@ impl Signals {
 
 /// Audits the start: `engine.started`, and `config.changed` (old and new hash, the file's
 /// owner) when the configuration differs from the one last started with.
-fn record_start(store: &Store, settings: &Settings) -> Result<(), StoreError> {
+fn record_start(
+    store: &Store,
+    settings: &Settings,
+    generated: &[&'static str],
+) -> Result<(), StoreError> {
     let started = |old: Option<String>| {
         let mut events = vec![Event::new("engine.started")
             .actor("engine")
@@ -391,6 +401,14 @@ fn record_start(store: &Store, settings: &Settings) -> Result<(), StoreError> {
                     .with("file", settings.source.display())
                     .with("old_hash", old.as_deref().unwrap_or("-"))
                     .with("new_hash", &settings.config_hash),
+            );
+        }
+        for key in generated {
+            events.push(
+                Event::new("security.key_generated")
+                    .actor("engine")
+                    .outcome("generated and sealed")
+                    .with("key", key),
             );
         }
         events

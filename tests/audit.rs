@@ -165,6 +165,16 @@ fn a_message_life_is_audited_in_order_and_found_by_mrn_token_and_control_id() {
     let exports = export(&inst, &["--event", "admin.audit_export"]);
     assert!(exports.len() >= 3);
     assert!(exports[0]["actor"].as_str().unwrap().starts_with("uid:"));
+    let generated = export(&inst, &["--event", "security.key_generated"]);
+    let keys: Vec<&str> = generated
+        .iter()
+        .map(|g| g["detail"]["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["message", "audit"],
+        "keys generated on the first start"
+    );
     let started = export(&inst, &["--event", "engine."]);
     assert_eq!(events(&started)[..2], ["engine.started", "engine.stopped"]);
 }
