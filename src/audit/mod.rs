@@ -156,12 +156,41 @@ impl Event {
 }
 
 /// A stored record: the event with its seq, in canonical form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Record {
     pub v: u8,
     pub seq: u64,
     #[serde(flatten)]
     pub event: Event,
+}
+
+/// By hand, not `#[serde(flatten)]`: the applier encodes a record for every message, and
+/// flatten buffers each field through an intermediate value. The output is the same: `v`,
+/// `seq`, then the event's fields in declaration order, absent ones skipped.
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = &self.event;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("v", &self.v)?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("time_ms", &e.time_ms)?;
+        m.serialize_entry("event", &e.event)?;
+        m.serialize_entry("severity", &e.severity)?;
+        macro_rules! opt {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &e.$f {
+                    m.serialize_entry(stringify!($f), v)?;
+                }
+            )*};
+        }
+        opt!(actor, listener, destination, message_id, control_id, message_type, mrn_token);
+        opt!(mrn_sealed, outcome);
+        if !e.detail.is_empty() {
+            m.serialize_entry("detail", &e.detail)?;
+        }
+        m.end()
+    }
 }
 
 impl Record {
@@ -537,6 +566,15 @@ mod tests {
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.canonical(), r.canonical());
+        // Field for field what the event's own (derived) encoding says, after `v` and `seq`.
+        let mut full = r.clone();
+        full.event.actor = Some("uid:0".into());
+        full.event.message_id = Some(9);
+        full.event.mrn_token = Some("t1:ab".into());
+        full.event.outcome = Some("stored".into());
+        let derived = serde_json::to_string(&full.event).unwrap();
+        let text = String::from_utf8(full.canonical()).unwrap();
+        assert_eq!(text, format!("{{\"v\":1,\"seq\":7,{}", &derived[1..]));
     }
 
     #[test]

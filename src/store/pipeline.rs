@@ -176,12 +176,10 @@ impl Writer {
         // An entry older than the window is no duplicate, whether or not it was pruned yet.
         let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
         // Pending first, then redb: an entry leaves `pending` only after the applier committed
-        // it, so a read transaction begun after the pending check sees it.
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        // it, and not while this batch holds the lock, so the read transaction begun under the
+        // lock sees every entry that is no longer pending. (Holding the lock, rather than
+        // copying the map for every batch, keeps this cheap when the applier lags.)
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let db = db_of(&self.db)?;
         let tx = db.begin_read().map_err(read_err)?;
         let dedup = tx.open_table(DEDUP).map_err(read_err)?;
@@ -244,6 +242,7 @@ impl Writer {
         drop(dedup);
         drop(tx);
         drop(db);
+        drop(pending);
         self.wal
             .append(&records)
             .map_err(|source| StoreError::Wal {
