@@ -143,7 +143,7 @@ fn alert(rule: &str, time_ms: u64, text: String) -> Event {
 }
 
 /// Rule state. One lives in the store's applier, which sees every audit event.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Alerter {
     settings: AlertSettings,
     failed: VecDeque<u64>,

@@ -470,8 +470,18 @@ impl Applier {
     }
 
     /// Applies `ops` in one transaction. On success `ops` is emptied (control ops answered);
-    /// on failure it is left as it was, to retry.
+    /// on failure it is left as it was, to retry, and so is the alert rules' state (the retry
+    /// raises the same alerts again).
     fn commit(&mut self, ops: &mut Vec<Op>, durable: bool) -> Result<(), StoreError> {
+        let alerter = self.audit.alerter.clone();
+        let result = self.try_commit(ops, durable);
+        if result.is_err() {
+            self.audit.alerter = alerter;
+        }
+        result
+    }
+
+    fn try_commit(&mut self, ops: &mut Vec<Op>, durable: bool) -> Result<(), StoreError> {
         let db = db_of(&self.db)?;
         let mut tx = db.begin_write().map_err(write_err)?;
         tx.set_durability(if durable {
