@@ -172,6 +172,7 @@ impl Engine {
                 acks: Arc::clone(&acks),
                 audit: running.audit.clone(),
                 audit_keys: Arc::clone(&audit_keys),
+                security_seen: Default::default(),
             })?);
         }
         let statuses: Vec<SharedStatus> = dest_names

@@ -573,3 +573,31 @@ fn retention_purges_the_audit_trail_from_a_checkpoint_and_what_remains_verifies(
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn security_records_of_one_peer_are_folded_beyond_a_burst() {
+    use std::io::{Read, Write};
+    let mut inst = Instance::new("", "");
+    inst.start();
+    // 25 failed TLS handshakes from one address within the minute.
+    for _ in 0..25 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", inst.mllps_port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        s.write_all(b"not a client hello\r\n\r\n").unwrap();
+        // The engine records the failure, then closes: EOF (or a reset) here.
+        let _ = s.read(&mut [0u8; 256]);
+    }
+    // An operator command travels the same channel: once it is in the trail, so is every
+    // record sent before it.
+    inst.queue_json(&["status"]);
+    wait_for(&inst, "the operator command in the trail", 30, || {
+        (!export(&inst, &["--event", "admin.queue_status"]).is_empty()).then_some(())
+    });
+    let failed = export(&inst, &["--event", "auth.failed"]);
+    assert_eq!(failed.len(), 20, "the first 20 one by one, the rest folded");
+    assert!(failed
+        .iter()
+        .all(|f| f["actor"].as_str().unwrap().starts_with("127.0.0.1:")));
+    assert_eq!(inst.stop(), Some(0));
+}

@@ -183,7 +183,16 @@ impl Alerter {
         if let Some(r) = self.settings.failed_auth {
             if e.event == "auth.failed" {
                 let w = r.window.as_millis() as u64;
-                self.failed.push_back(now);
+                // A record may stand for failures folded into it (rate-limited per peer).
+                let folded = e
+                    .detail
+                    .get("folded_before")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    .min(10_000);
+                for _ in 0..=folded {
+                    self.failed.push_back(now);
+                }
                 while self
                     .failed
                     .front()
@@ -446,6 +455,10 @@ mod tests {
             "once per window"
         );
         assert!(a.observe(&ev("message.received", t + 4)).is_empty());
+        // A record standing for failures folded into it counts them all.
+        let mut b = Alerter::new(a.settings.clone());
+        let f = b.observe(&ev("auth.failed", t).with("folded_before", 2));
+        assert_eq!(f.len(), 1, "1 + 2 folded reach the threshold of 3");
     }
 
     #[test]

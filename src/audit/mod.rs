@@ -184,7 +184,15 @@ impl Serialize for Record {
                 }
             )*};
         }
-        opt!(actor, listener, destination, message_id, control_id, message_type, mrn_token);
+        opt!(
+            actor,
+            listener,
+            destination,
+            message_id,
+            control_id,
+            message_type,
+            mrn_token
+        );
         opt!(mrn_sealed, outcome);
         if !e.detail.is_empty() {
             m.serialize_entry("detail", &e.detail)?;

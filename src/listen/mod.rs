@@ -52,21 +52,87 @@ pub struct Shared {
     pub audit: crate::store::AuditSink,
     /// MRN tokens.
     pub audit_keys: Arc<crate::audit::AuditKeys>,
+    /// Rate limit of security records per peer.
+    pub security_seen: SecuritySeen,
 }
 
 impl Shared {
-    /// Records a security event of this listener: a refused or failed peer.
-    fn security(&self, event: &str, peer: &SocketAddr, reason: &str) {
-        self.audit.record(
-            crate::audit::Event::new(event)
-                .severity(crate::audit::Severity::Warning)
-                .listener(self.settings.name.as_str())
-                .actor(peer.to_string())
-                .outcome("refused")
-                .with("reason", reason),
-        );
+    /// Records a security event of this listener: a refused or failed peer. Per peer address
+    /// and event type, the first [`SECURITY_BURST`] of every [`SECURITY_WINDOW`] are recorded
+    /// one by one (enough for the failed-authentication alert); the rest are folded into the
+    /// next record, which says how many, so a scanner cannot grow the audit trail (kept for
+    /// years) without bound. The counters count every one.
+    fn security(&self, event: &'static str, peer: &SocketAddr, reason: &str) {
+        let now = std::time::Instant::now();
+        let folded = {
+            let mut seen = self.security_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() >= SECURITY_PEERS {
+                seen.retain(|_, w| now.duration_since(w.start) < SECURITY_WINDOW);
+            }
+            let full = seen.len() >= SECURITY_PEERS;
+            match seen.get_mut(&(peer.ip(), event)) {
+                Some(w) if now.duration_since(w.start) >= SECURITY_WINDOW => {
+                    let folded = w.folded;
+                    *w = SecurityWindow {
+                        start: now,
+                        recorded: 1,
+                        folded: 0,
+                    };
+                    folded
+                }
+                Some(w) if w.recorded >= SECURITY_BURST => {
+                    w.folded += 1;
+                    return;
+                }
+                Some(w) => {
+                    w.recorded += 1;
+                    0
+                }
+                None if full => return,
+                None => {
+                    seen.insert(
+                        (peer.ip(), event),
+                        SecurityWindow {
+                            start: now,
+                            recorded: 1,
+                            folded: 0,
+                        },
+                    );
+                    0
+                }
+            }
+        };
+        let mut e = crate::audit::Event::new(event)
+            .severity(crate::audit::Severity::Warning)
+            .listener(self.settings.name.as_str())
+            .actor(peer.to_string())
+            .outcome("refused")
+            .with("reason", reason);
+        if folded > 0 {
+            e = e.with("folded_before", folded);
+        }
+        self.audit.record(e);
     }
 }
+
+/// Per peer address and event type, this many security records per window one by one...
+const SECURITY_BURST: u64 = 20;
+/// ...per this window.
+const SECURITY_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses tracked at once; past it, new addresses are not recorded until old ones expire.
+const SECURITY_PEERS: usize = 4096;
+
+/// One peer address's security records in the current window.
+#[derive(Debug)]
+pub struct SecurityWindow {
+    start: std::time::Instant,
+    recorded: u64,
+    folded: u64,
+}
+
+/// Each peer address's window, per event type.
+pub type SecuritySeen =
+    std::sync::Mutex<std::collections::HashMap<(std::net::IpAddr, &'static str), SecurityWindow>>;
 
 /// A bound listener, not yet accepting.
 pub struct Bound {
