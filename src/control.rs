@@ -201,43 +201,36 @@ impl Context {
         answer
     }
 
+    /// An audit read off the runtime's threads.
+    async fn rows(
+        &self,
+        read: impl FnOnce(&StoreReader) -> Result<Vec<(u64, Vec<u8>)>, crate::store::StoreError>
+            + Send
+            + 'static,
+    ) -> Answer {
+        let reader = self.reader.clone();
+        match tokio::task::spawn_blocking(move || read(&reader)).await {
+            Ok(Ok(rows)) => Answer::AuditRows {
+                rows: encode_rows(rows),
+            },
+            Ok(Err(e)) => Answer::Error {
+                message: e.to_string(),
+            },
+            Err(e) => Answer::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
     async fn answer(&self, req: Request) -> Answer {
         match req {
             Request::AuditPage { after, limit } => {
-                let reader = self.reader.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    reader.audit_page(after, limit.min(10_000))
-                })
-                .await;
-                match r {
-                    Ok(Ok(rows)) => Answer::AuditRows {
-                        rows: encode_rows(rows),
-                    },
-                    Ok(Err(e)) => Answer::Error {
-                        message: e.to_string(),
-                    },
-                    Err(e) => Answer::Error {
-                        message: e.to_string(),
-                    },
-                }
+                self.rows(move |r| r.audit_page(after, limit.min(10_000)))
+                    .await
             }
             Request::AuditCheckpoints { from, limit } => {
-                let reader = self.reader.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    reader.audit_checkpoints(from, limit.min(10_000))
-                })
-                .await;
-                match r {
-                    Ok(Ok(rows)) => Answer::AuditRows {
-                        rows: encode_rows(rows),
-                    },
-                    Ok(Err(e)) => Answer::Error {
-                        message: e.to_string(),
-                    },
-                    Err(e) => Answer::Error {
-                        message: e.to_string(),
-                    },
-                }
+                self.rows(move |r| r.audit_checkpoints(from, limit.min(10_000)))
+                    .await
             }
             Request::AuditRecord(e) => {
                 self.audit.record(*e);

@@ -553,8 +553,8 @@ mod tests {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_secs() as i64;
-            let (y, m, d) = civil(now + days * 86_400);
-            p.not_after = rcgen::date_time_ymd(y, m, d);
+            let (y, m, d) = crate::hl7::time::civil_from_days((now + days * 86_400) / 86_400);
+            p.not_after = rcgen::date_time_ymd(y as i32, m as u8, d as u8);
             p.distinguished_name.push(rcgen::DnType::CommonName, name);
             let key = rcgen::KeyPair::generate().unwrap();
             let cert = p.self_signed(&key).unwrap();
@@ -576,19 +576,5 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].detail["certificate"], "listener a cert");
         assert!(f[0].detail["subject"].contains("soon"));
-    }
-
-    /// rcgen's date for a Unix time (civil-from-days, Hinnant's algorithm).
-    fn civil(secs: i64) -> (i32, u8, u8) {
-        let z = secs.div_euclid(86_400) + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        (y as i32, m as u8, d as u8)
     }
 }
