@@ -147,7 +147,7 @@ fn admin_event(req: &Request, uid: Option<u32>) -> Option<crate::audit::Event> {
         _ => return None,
     };
     let mut e = crate::audit::Event::new(what)
-        .actor(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")))
+        .actor(actor_of(uid))
         .with("via", "control socket");
     if let Request::Replay(sel) | Request::Discard(sel) = req {
         e = e
@@ -158,6 +158,11 @@ fn admin_event(req: &Request, uid: Option<u32>) -> Option<crate::audit::Event> {
             );
     }
     Some(e)
+}
+
+/// The audit actor of a socket peer.
+fn actor_of(uid: Option<u32>) -> String {
+    uid.map_or("uid:?".to_string(), |u| format!("uid:{u}"))
 }
 
 /// Encodes raw rows for the socket.
@@ -180,7 +185,7 @@ impl Context {
                 }
             }
             Request::AuditRecord(mut e) => {
-                e.actor = Some(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")));
+                e.actor = Some(actor_of(uid));
                 e.severity = crate::audit::Severity::Info;
                 Request::AuditRecord(e)
             }
@@ -338,7 +343,7 @@ pub async fn serve(
             ctx.audit.record(
                 crate::audit::Event::new("auth.failed")
                     .severity(crate::audit::Severity::Warning)
-                    .actor(uid.map_or("uid:?".to_string(), |u| format!("uid:{u}")))
+                    .actor(actor_of(uid))
                     .outcome("refused")
                     .with(
                         "reason",

@@ -643,9 +643,7 @@ fn queue(config: &std::path::Path, json: bool, command: QueueCommand) -> Result<
             if let Answer::Done { affected } = &answer {
                 event = event.with("count", affected.len());
             }
-            let recorded = open_store(&settings)
-                .map(|store| store.record_events(vec![event], Some(&settings.audit.alerts)));
-            if let Ok(Err(e)) = recorded {
+            if let Err(e) = hl7edge::audit::cli::record(&settings, event) {
                 eprintln!("hl7edge: the action could not be audited: {e}");
             }
             answer

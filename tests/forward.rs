@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// Polls until `up`'s log holds `n` entries answered AA.
@@ -94,12 +92,7 @@ fn mixed_stream_fans_out_in_order_to_python_hl7_plain_tls_mtls_and_hl7apy() {
         .map(|(app, ty, ctrl)| hl7_message(app, ty, ctrl).replace('\r', "\n"))
         .collect();
     std::fs::write(&file, text.join("\n")).unwrap();
-    let out = Command::new(venv().join("bin/mllp_send"))
-        .args(["--loose", "-p", &inst.mllp_port.to_string(), "-f"])
-        .arg(&file)
-        .arg("127.0.0.1")
-        .output()
-        .unwrap();
+    let out = mllp_send(inst.mllp_port, &file);
     let acks = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -29,12 +29,7 @@ fn python_hl7_mllp_send_plain_gets_aa_and_messages_are_stored() {
         "msgs.hl7",
         &[adt("PLAIN1", "ALPHA"), adt("PLAIN2", "BETA")],
     );
-    let out = Command::new(venv().join("bin/mllp_send"))
-        .args(["--loose", "-p", &inst.mllp_port.to_string(), "-f"])
-        .arg(&file)
-        .arg("127.0.0.1")
-        .output()
-        .unwrap();
+    let out = mllp_send(inst.mllp_port, &file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

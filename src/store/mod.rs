@@ -342,13 +342,7 @@ impl StoreReader {
         let queue = tx.open_table(QUEUE).map_err(read_err)?;
         let mut out = Vec::with_capacity(dests.len());
         for d in dests {
-            let oldest = queue
-                .range((d.as_str(), 0)..=(d.as_str(), u64::MAX))
-                .map_err(read_err)?
-                .next()
-                .transpose()
-                .map_err(read_err)?
-                .map(|(_, v)| v.value().1);
+            let oldest = txn::oldest_queued(&queue, d).map_err(read_err)?;
             out.push(QueueFigures {
                 depth: counts.get(&txn::depth_key(d)),
                 dead_letters: counts.get(&txn::dead_key(d)),
@@ -544,8 +538,7 @@ impl Store {
                 t.finish()?;
             }
             // Their `message.received` records never made it either: they come from the log.
-            crate::audit::append(&tx, missing.iter().map(received_event).collect())
-                .map_err(audit_write_err)?;
+            crate::audit::append(&tx, missing.iter().map(received_event).collect())?;
             tx.commit().map_err(write_err)?;
             tracing::info!(
                 messages = applied,
@@ -628,7 +621,7 @@ impl Store {
             let raised: Vec<_> = events.iter().flat_map(|e| alerter.observe(e)).collect();
             events.extend(raised);
         }
-        let (records, _) = crate::audit::append(&tx, events).map_err(audit_write_err)?;
+        let (records, _) = crate::audit::append(&tx, events)?;
         tx.commit().map_err(write_err)?;
         for r in &records {
             crate::audit::journal(r);
@@ -661,7 +654,7 @@ impl Store {
                     .outcome("done")
             })
             .collect();
-        crate::audit::append(&tx, events).map_err(audit_write_err)?;
+        crate::audit::append(&tx, events)?;
         tx.commit().map_err(write_err)?;
         Ok(affected)
     }
@@ -908,10 +901,12 @@ pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
     e
 }
 
-fn audit_write_err(e: crate::audit::AuditError) -> StoreError {
-    match e {
-        crate::audit::AuditError::Store(e) => StoreError::Write(e),
-        other => StoreError::Write(Box::new(redb::Error::Corrupted(other.to_string()))),
+impl From<crate::audit::AuditError> for StoreError {
+    fn from(e: crate::audit::AuditError) -> StoreError {
+        match e {
+            crate::audit::AuditError::Store(e) => StoreError::Write(e),
+            other => StoreError::Write(Box::new(redb::Error::Corrupted(other.to_string()))),
+        }
     }
 }
 

@@ -641,13 +641,7 @@ impl Applier {
             let queue = tx.open_table(super::txn::QUEUE).map_err(write_err)?;
             let mut queues = Vec::with_capacity(a.dests.len());
             for d in &a.dests {
-                let oldest = queue
-                    .range((d.as_str(), 0)..=(d.as_str(), u64::MAX))
-                    .map_err(write_err)?
-                    .next()
-                    .transpose()
-                    .map_err(write_err)?
-                    .map(|(_, v)| v.value().1);
+                let oldest = super::txn::oldest_queued(&queue, d).map_err(write_err)?;
                 queues.push((d.clone(), counts.get(&super::txn::depth_key(d)), oldest));
             }
             drop(queue);
@@ -660,7 +654,7 @@ impl Applier {
                 },
             ));
             let cutoff = now.saturating_sub(a.settings.retention.as_millis() as u64);
-            if let Some((n, anchor)) = audit::purge(tx, cutoff, 50_000).map_err(audit_err)? {
+            if let Some((n, anchor)) = audit::purge(tx, cutoff, 50_000)? {
                 events.push(
                     Event::new("audit.purged")
                         .outcome("deleted")
@@ -669,14 +663,14 @@ impl Applier {
                 );
             }
         }
-        let (records, head) = audit::append(tx, events).map_err(audit_err)?;
+        let (records, head) = audit::append(tx, events)?;
         let due = durable
             && head.seq > a.last_ckpt
             && (self.stopping
                 || head.seq - a.last_ckpt >= a.settings.checkpoint_every
                 || a.last_ckpt_at.elapsed() >= a.settings.checkpoint_interval);
         let checkpoint = if due {
-            Some(audit::put_checkpoint(tx, &a.keys, head, now).map_err(audit_err)?)
+            Some(audit::put_checkpoint(tx, &a.keys, head, now)?)
         } else {
             None
         };
@@ -706,13 +700,6 @@ impl Applier {
 fn sorted(mut ids: Vec<u64>) -> Vec<u64> {
     ids.sort_unstable();
     ids
-}
-
-fn audit_err(e: audit::AuditError) -> StoreError {
-    match e {
-        audit::AuditError::Store(e) => StoreError::Write(e),
-        other => StoreError::Write(Box::new(redb::Error::Corrupted(other.to_string()))),
-    }
 }
 
 /// The audit record of a queue entry moved to the dead letters.
@@ -760,8 +747,8 @@ fn reapply(db: &Database, changes: &[Undurable]) -> Result<Counts, StoreError> {
     };
     for c in changes {
         if let Undurable::Audit(first, events) = c {
-            if audit::head(&tx).map_err(audit_err)?.seq < *first {
-                audit::append(&tx, events.clone()).map_err(audit_err)?;
+            if audit::head(&tx)?.seq < *first {
+                audit::append(&tx, events.clone())?;
             }
         }
     }

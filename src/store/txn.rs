@@ -46,6 +46,18 @@ pub(super) fn dead_key(dest: &str) -> String {
     format!("dead/{dest}")
 }
 
+/// When the oldest entry of `dest`'s queue was queued.
+pub(super) fn oldest_queued(
+    queue: &impl ReadableTable<(&'static str, u64), (u64, u64, u32)>,
+    dest: &str,
+) -> Result<Option<u64>, redb::StorageError> {
+    Ok(queue
+        .range((dest, 0)..=(dest, u64::MAX))?
+        .next()
+        .transpose()?
+        .map(|(_, v)| v.value().1))
+}
+
 /// The `counters` table, held in memory by its one writer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts(BTreeMap<String, u64>);

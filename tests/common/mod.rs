@@ -470,6 +470,16 @@ pub fn wait_for<T>(inst: &Instance, what: &str, secs: u64, mut f: impl FnMut() -
     }
 }
 
+/// python-hl7's `mllp_send --loose` of `file` to 127.0.0.1:`port`.
+pub fn mllp_send(port: u16, file: &Path) -> Output {
+    Command::new(venv().join("bin/mllp_send"))
+        .args(["--loose", "-p", &port.to_string(), "-f"])
+        .arg(file)
+        .arg("127.0.0.1")
+        .output()
+        .unwrap()
+}
+
 /// A `[[destination]]` table for a plaintext upstream on loopback, with fast retries.
 pub fn mllp_destination(name: &str, port: u16, extra: &str) -> String {
     format!(
