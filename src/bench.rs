@@ -49,6 +49,21 @@ struct Report {
     elapsed: Duration,
     lat_us: Vec<u64>,
     failures: usize,
+    /// CPU time (user + system) of the whole process, engine and load generator, per message.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::new(tv.tv_sec().max(0) as u64, tv.tv_usec().max(0) as u32 * 1000)
+            };
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or_default()
 }
 
 impl Report {
@@ -62,11 +77,12 @@ impl Report {
             self.lat_us[i.min(self.lat_us.len() - 1)] as f64 / 1000.0
         };
         println!(
-            "{:<44} {:>9.0} msg/s   p50 {:>6.2} ms   p99 {:>6.2} ms   ({} msgs, {} not AA)",
+            "{:<44} {:>9.0} msg/s   p50 {:>6.2} ms   p99 {:>6.2} ms   cpu {:>4.0} µs/msg   ({} msgs, {} not AA)",
             self.label,
             self.messages as f64 / self.elapsed.as_secs_f64(),
             pct(0.50),
             pct(0.99),
+            self.cpu_us,
             self.messages,
             self.failures
         );
@@ -168,6 +184,7 @@ async fn scenario(
     let per = messages / conns;
     let pace = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
     let start = Instant::now();
+    let cpu = cpu_time();
     let mut tasks = Vec::new();
     for c in 0..conns {
         let target = Arc::clone(&target);
@@ -182,12 +199,14 @@ async fn scenario(
         lat_us.extend(l);
         failures += f;
     }
+    let cpu = cpu_time().saturating_sub(cpu);
     Ok(Report {
         label: label.to_string(),
         messages: per * conns,
         elapsed: start.elapsed(),
         lat_us,
         failures,
+        cpu_us: cpu.as_secs_f64() * 1e6 / (per * conns).max(1) as f64,
     })
 }
 
