@@ -92,10 +92,12 @@ fn metrics_endpoint_serves_queue_figures_in_prometheus_text() {
         s.read_to_string(&mut out).unwrap();
         out
     };
+    // Queue depths are as of the store's last commit, which follows the deliveries.
     let page = wait_for(&inst, "metrics showing 4 delivered to hosp", 60, || {
         let page = scrape();
-        page.contains("hl7edge_delivered_total{destination=\"hosp\"} 4")
-            .then_some(page)
+        (page.contains("hl7edge_delivered_total{destination=\"hosp\"} 4")
+            && page.contains("hl7edge_queue_depth{destination=\"hosp\"} 0"))
+        .then_some(page)
     });
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
     assert!(page.contains("text/plain; version=0.0.4"), "{page}");
@@ -300,7 +302,7 @@ fn retention_reuses_space_under_steady_load_and_compaction_returns_it() {
     inst.start();
     let filler = format!("NTE|1||{}\r", "S".repeat(4000));
     let mut c = MllpConn::connect(inst.plain_addr());
-    let rounds = 8;
+    let rounds = 10;
     let per_round = 250;
     let mut sizes = Vec::new();
     for r in 0..rounds {
@@ -319,14 +321,15 @@ fn retention_reuses_space_under_steady_load_and_compaction_returns_it() {
         sizes.push(store_size(&inst));
     }
     // About 1 MB is stored and deleted per round: a file that reused no space would have grown
-    // by rounds x that; the space freed by retention is taken again instead.
+    // by that every round; the space freed by retention is taken again instead. The first
+    // rounds may grow the file once or twice (redb grows it in steps, and an applier commit
+    // holds 40 ms of records), so the steady state is measured over the last five rounds.
     eprintln!("store file size after each round: {sizes:?}");
     let round_bytes = (per_round * 4000) as u64;
-    let growth = sizes[rounds - 1].saturating_sub(sizes[1]);
+    let growth = sizes[rounds - 1].saturating_sub(sizes[rounds - 6]);
     assert!(
         growth < 2 * round_bytes,
-        "the store grew by {growth} bytes over {} rounds of {round_bytes}: sizes {sizes:?}",
-        rounds - 2
+        "the store grew by {growth} bytes over 5 rounds of {round_bytes}: sizes {sizes:?}"
     );
     drop(c);
     assert_eq!(inst.stop(), Some(0));

@@ -28,8 +28,12 @@ const SWEEP_MAX: usize = 2000;
 
 /// How often the applier makes its redb commits durable (and so lets the log shrink).
 const DURABLE_EVERY: Duration = Duration::from_millis(200);
-/// Least time between two applier commits.
-const APPLY_EVERY: Duration = Duration::from_millis(10);
+/// Least time between two applier commits. Each commit rewrites every B-tree page it touched
+/// (the duplicate index is keyed by hash, so its inserts land all over it): 40 ms worth of
+/// records shares those rewrites among four times as many as 10 ms did, for about a fifth
+/// less CPU per message at 32 connections (bench), and forwarders see a message at most
+/// that much later.
+const APPLY_EVERY: Duration = Duration::from_millis(40);
 
 /// An operator action on dead letters.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
