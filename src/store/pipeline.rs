@@ -152,11 +152,17 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: &mut Vec<Job>) {
         match self.log(batch) {
-            Ok(results) => {
+            Ok((results, records)) => {
+                // Senders first: they wait on this; the applier does not.
                 for (job, stored) in batch.drain(..).zip(results) {
                     if let Job::Intake { reply, .. } = job {
                         let _ = reply.send(stored.map_err(Arc::new));
                     }
+                }
+                if !records.is_empty() && self.apply_tx.send(Op::Records(records)).is_err() {
+                    tracing::error!(
+                        "The store applier stopped; logged messages are applied at the next start."
+                    );
                 }
             }
             Err(e) => {
@@ -171,9 +177,14 @@ impl Writer {
         }
     }
 
-    /// Checks duplicates and the quota, seals, appends the batch to the log with one fsync,
-    /// hands it to the applier. On error nothing of the batch is stored or counted.
-    fn log(&mut self, batch: &[Job]) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
+    /// Checks duplicates and the quota, seals, appends the batch to the log with one fsync.
+    /// Returns each job's result and the logged records, for the applier. On error nothing of
+    /// the batch is stored or counted.
+    #[allow(clippy::type_complexity)]
+    fn log(
+        &mut self,
+        batch: &[Job],
+    ) -> Result<(Vec<Result<Stored, StoreError>>, Vec<WalRecord>), StoreError> {
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
         let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
@@ -260,12 +271,7 @@ impl Writer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(batch_keys);
-        if !records.is_empty() && self.apply_tx.send(Op::Records(records)).is_err() {
-            tracing::error!(
-                "The store applier stopped; logged messages are applied at the next start."
-            );
-        }
-        Ok(results)
+        Ok((results, records))
     }
 }
 
