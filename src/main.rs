@@ -7,11 +7,6 @@ use clap::{Parser, Subcommand};
 
 use hl7edge::config::{Settings, DEFAULT_PATH};
 
-// Many small allocations per message (frames, records, ACKs) across four threads: mimalloc's
-// per-thread free lists cost less than glibc malloc's arenas here (see the README's figures).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for a bad configuration (EX_CONFIG is 78, but 64 is what operators script for).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when start-up fails for any other reason (store, bind, ...).
