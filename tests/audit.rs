@@ -459,11 +459,18 @@ fn alert_rules_fire_into_the_audit_trail_and_the_metrics() {
         "listener certificate and client CA"
     );
     inst.queue_json(&["status"]);
+    // An alert is chained in the same commit as the record that raised it.
+    wait_for(&inst, "the status command audited", 30, || {
+        (search(&inst, "admin.queue_status") >= 1).then_some(())
+    });
     assert_eq!(fired(&inst, "after_hours_admin"), 0);
     assert_eq!(fired(&inst, "config_change_outside_window"), 0);
 
     // Bulk: an empty export counts nothing; a full one passes the threshold of 5.
     assert!(export(&inst, &["--control-id", "NOSUCH"]).is_empty());
+    wait_for(&inst, "the empty export audited", 30, || {
+        (search(&inst, "admin.audit_export") >= 1).then_some(())
+    });
     assert_eq!(fired(&inst, "bulk"), 0);
     assert!(export(&inst, &[]).len() >= 5);
     wait_for(&inst, "the bulk alert", 30, || {
@@ -497,15 +504,18 @@ fn alert_rules_fire_into_the_audit_trail_and_the_metrics() {
         changed[1]["detail"]["new_hash"]
     );
     inst.queue_json(&["status"]);
-    wait_for(&inst, "the after-hours alert", 30, || {
-        (fired(&inst, "after_hours_admin") >= 1).then_some(())
-    });
-    // (The searches above are administrative access too, and alert as well.)
-    let after_hours = export(&inst, &["--event", "alert.after_hours_admin"]);
-    let alert = after_hours
-        .iter()
-        .find(|a| a["detail"]["access"] == "admin.queue_status")
-        .unwrap_or_else(|| panic!("{after_hours:?}"));
+    // (The searches above are administrative access too, and alert as well; the status
+    // command's alert reaches the chain with the applier's next commit.)
+    let alert = wait_for(
+        &inst,
+        "the after-hours alert of the status command",
+        30,
+        || {
+            export(&inst, &["--event", "alert.after_hours_admin"])
+                .into_iter()
+                .find(|a| a["detail"]["access"] == "admin.queue_status")
+        },
+    );
     assert_eq!(alert["severity"], "alert");
     assert!(alert["detail"]["by"].as_str().unwrap().starts_with("uid:"));
     assert_eq!(inst.stop(), Some(0));
