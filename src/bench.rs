@@ -49,7 +49,8 @@ struct Report {
     elapsed: Duration,
     lat_us: Vec<u64>,
     failures: usize,
-    /// CPU time (user + system) of the whole process, engine and load generator, per message.
+    /// CPU time (user + system) per message of this process (load generator, and the engine when
+    /// in-process) plus the engine's process when it runs apart.
     cpu_us: f64,
 }
 
@@ -180,11 +181,12 @@ async fn scenario(
     messages: usize,
     conns: usize,
     rate: Option<u32>,
+    engine: Option<&EngineProcess>,
 ) -> anyhow::Result<Report> {
     let per = messages / conns;
     let pace = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
     let start = Instant::now();
-    let cpu = cpu_time();
+    let cpu = cpu_time() + engine.map_or(Duration::ZERO, EngineProcess::cpu);
     let mut tasks = Vec::new();
     for c in 0..conns {
         let target = Arc::clone(&target);
@@ -199,7 +201,7 @@ async fn scenario(
         lat_us.extend(l);
         failures += f;
     }
-    let cpu = cpu_time().saturating_sub(cpu);
+    let cpu = (cpu_time() + engine.map_or(Duration::ZERO, EngineProcess::cpu)).saturating_sub(cpu);
     Ok(Report {
         label: label.to_string(),
         messages: per * conns,
@@ -237,7 +239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
             println!(
-                "peak RSS (engines and load generator together): {}",
+                "peak RSS of the bench process (load generator, upstream; the intake run's engine): {}",
                 line.trim_start_matches("VmHWM:").trim()
             );
         }
@@ -246,18 +248,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
-}
-
-/// Current resident set size of this process, from /proc.
-fn rss() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS"))
-                .map(|l| l.trim_start_matches("VmRSS:").trim().to_string())
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 /// Waits until `count` reaches `n`; returns when it did, or `None` after `limit`.
@@ -274,20 +264,131 @@ async fn until_count(count: &AtomicU64, n: u64, limit: Duration) -> Option<Insta
     }
 }
 
-/// Forwarding figures: end-to-end relay to a fast upstream, then a backlog queued while the
-/// upstream is down, the engine's restart with that backlog, and the backlog's drain.
+/// The engine as its own process (`hl7edge run`), so that its memory and CPU are measured
+/// apart from the load generator and the upstream receiver.
+struct EngineProcess {
+    child: std::process::Child,
+}
+
+impl EngineProcess {
+    /// Starts `hl7edge run --config <config>` and returns once it sends READY=1 to the
+    /// NOTIFY_SOCKET it was given (as systemd would see it), with the time that took.
+    async fn start(
+        config: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<(Self, Duration)> {
+        let sock_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = tokio::net::UnixDatagram::bind(&sock_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("engine.log"))?;
+        let t = Instant::now();
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the engine process")?;
+        let engine = EngineProcess { child };
+        let mut buf = [0u8; 512];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(120), sock.recv(&mut buf))
+                .await
+                .with_context(|| {
+                    format!(
+                        "engine not ready within 120 s; see {}",
+                        dir.join("engine.log").display()
+                    )
+                })??;
+            if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") {
+                return Ok((engine, t.elapsed()));
+            }
+        }
+    }
+
+    /// A `/proc/<pid>/status` line's value, such as `VmRSS` or `VmHWM`.
+    fn status(&self, key: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+                    .map(|l| l[key.len() + 1..].trim().to_string())
+            })
+            .unwrap_or_else(|| "?".into())
+    }
+
+    /// User + system CPU time of the engine process so far.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command name: state is the 3rd field, utime the 14th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|&h| h > 0)
+            .unwrap_or(100) as u64;
+        Duration::from_micros(ticks * 1_000_000 / hz)
+    }
+
+    /// SIGTERM, then waits for the exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = tokio::task::spawn_blocking(move || self.child.wait()).await??;
+        anyhow::ensure!(status.success(), "engine exited with {status}");
+        Ok(())
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        // Only after an error: a stopped engine has been waited for already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free on loopback now (the engine process binds it a moment later).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Forwarding figures, against the engine as its own process: end-to-end relay to a fast
+/// upstream, then a backlog queued while the upstream is down, the engine's restart with that
+/// backlog, and the backlog's drain; with the engine's own memory at each step.
 async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
     let hospital = upstream::start(([127, 0, 0, 1], 0).into(), None, false).await?;
     let up_addr = hospital.addr;
-    let config = crate::demo::write_config(dir, &pki, 0, 0, crate::demo::Forward::Plain(up_addr))?;
-    let settings = Settings::load(&config)?;
-    let engine = Engine::start(&settings).await?;
+    let port = free_port()?;
+    let config = crate::demo::write_config(
+        dir,
+        &pki,
+        port,
+        free_port()?,
+        crate::demo::Forward::Plain(up_addr),
+    )?;
+    let (engine, _) = EngineProcess::start(&config, dir).await?;
     let tls = Arc::new(Target::Tls(
-        engine
-            .addr("integration")
-            .context("no integration listener")?,
+        ([127, 0, 0, 1], port).into(),
         TlsConnector::from(devpki::client_config(&pki)?),
     ));
 
@@ -304,6 +405,7 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
+        Some(&engine),
     )
     .await?;
     let n = r.messages as u64;
@@ -324,35 +426,39 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     drop(hospital);
     let backlog = args.backlog.max(args.connections);
     let label = format!("backlog: {backlog} queued, upstream down");
-    scenario(
+    let mut r = scenario(
         &label,
         Arc::clone(&tls),
         11,
         backlog,
         args.connections,
         None,
+        Some(&engine),
     )
-    .await?
-    .print();
-    println!("{:<44} {}", "RSS with the backlog queued", rss());
-    engine.shutdown().await;
-
-    // 3. Restart with the backlog: ready means listeners bound, store open, forwarders running.
-    let t = Instant::now();
-    let engine = Engine::start(&settings).await?;
-    let ready = t.elapsed();
-    let queued = engine
-        .control()
-        .reader
-        .figures(&["hospital".to_string()])?
-        .first()
-        .map_or(0, |f| f.depth);
+    .await?;
+    r.print();
+    let queued = (r.messages - r.failures) as u64;
     println!(
-        "{:<44} {:>9.1} ms   ({queued} messages queued)",
+        "{:<44} {}   (peak {})",
+        "engine RSS with the backlog queued",
+        engine.status("VmRSS"),
+        engine.status("VmHWM")
+    );
+    engine.stop().await?;
+
+    // 3. Restart with the backlog: from process start to READY=1 (listeners bound, store open,
+    //    forwarders running).
+    let (engine, ready) = EngineProcess::start(&config, dir).await?;
+    println!(
+        "{:<44} {:>9.1} ms   ({queued} messages queued; process start to READY=1)",
         "restart with the backlog until ready",
         ready.as_secs_f64() * 1000.0
     );
-    println!("{:<44} {}", "RSS after the restart", rss());
+    println!(
+        "{:<44} {}",
+        "engine RSS after the restart",
+        engine.status("VmRSS")
+    );
 
     // 4. Drain: the upstream comes back at the same address.
     let hospital = upstream::start(up_addr, None, false).await?;
@@ -369,8 +475,13 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             hospital.count.load(Ordering::Acquire)
         ),
     }
-    println!("{:<44} {}", "RSS after the drain", rss());
-    engine.shutdown().await;
+    println!(
+        "{:<44} {}   (peak {})",
+        "engine RSS after the drain",
+        engine.status("VmRSS"),
+        engine.status("VmHWM")
+    );
+    engine.stop().await?;
     Ok(())
 }
 
@@ -409,7 +520,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             "{:<44} {:>9.0} fsync/s  (4 KiB over zero-filled blocks + fdatasync, as the log)",
             "disk, preallocated file", fsync
         );
-        let mut r = scenario(label, Arc::clone(target), run, seq_n, 1, None).await?;
+        let mut r = scenario(label, Arc::clone(target), run, seq_n, 1, None, None).await?;
         r.print();
         shares.push(100.0 * r.messages as f64 / r.elapsed.as_secs_f64() / fsync);
     }
@@ -425,6 +536,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
+        None,
     )
     .await?
     .print();
@@ -435,6 +547,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         4,
         args.messages,
         args.connections,
+        None,
         None,
     )
     .await?
@@ -451,6 +564,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         n,
         args.connections,
         Some(args.rate),
+        None,
     )
     .await?
     .print();
