@@ -290,6 +290,11 @@ impl EngineProcess {
             .arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &sock_path)
+            // As systemd/hl7edge.service sets it, unless the caller chose otherwise.
+            .env(
+                "MALLOC_ARENA_MAX",
+                std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
