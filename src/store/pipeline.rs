@@ -91,6 +91,9 @@ impl Live {
     }
 }
 
+/// What one logged batch gives back: each job's result, and the records for the applier.
+type Logged = (Vec<Result<Stored, StoreError>>, Vec<WalRecord>);
+
 /// Stage 1: makes batches durable in the write-ahead log, then answers their senders.
 pub(super) struct Writer {
     /// Read-only use: duplicate checks.
@@ -180,11 +183,7 @@ impl Writer {
     /// Checks duplicates and the quota, seals, appends the batch to the log with one fsync.
     /// Returns each job's result and the logged records, for the applier. On error nothing of
     /// the batch is stored or counted.
-    #[allow(clippy::type_complexity)]
-    fn log(
-        &mut self,
-        batch: &[Job],
-    ) -> Result<(Vec<Result<Stored, StoreError>>, Vec<WalRecord>), StoreError> {
+    fn log(&mut self, batch: &[Job]) -> Result<Logged, StoreError> {
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
         let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
