@@ -9,7 +9,7 @@
 //! `messages` table stores them, so the log holds no plaintext PHI either.
 //!
 //! Segments are zero-filled to [`SEGMENT_BYTES`] before they take frames (a background thread
-//! keeps one ready as `spare`), so an append overwrites blocks that are already allocated and its
+//! fills the next one, `spare`, while the current one's second half is written), so an append overwrites blocks that are already allocated and its
 //! `fdatasync` writes data only: no block allocation, no size change, no filesystem journal
 //! commit. That nearly halves the cost of a sync here (see the README's performance section).
 //!
@@ -112,6 +112,8 @@ pub struct Wal {
     buf: Vec<u8>,
     /// Asks the background thread for a new spare; dropping it ends the thread.
     want_spare: mpsc::SyncSender<()>,
+    /// Whether the current segment already asked for the next one's spare.
+    spare_asked: bool,
 }
 
 fn segment_name(first_id: u64) -> String {
@@ -260,7 +262,6 @@ impl Wal {
         let path = dir.join(segment_name(next_id));
         let (file, capacity) = take_segment(dir, &path)?;
         sync_dir(dir)?;
-        let _ = want_spare.try_send(());
         Ok(Wal {
             dir: dir.to_path_buf(),
             file,
@@ -269,6 +270,7 @@ impl Wal {
             segments: vec![Segment { path, max_id: 0 }],
             buf: Vec::with_capacity(64 * 1024),
             want_spare,
+            spare_asked: false,
         })
     }
 
@@ -297,6 +299,11 @@ impl Wal {
         match result {
             Ok(()) => {
                 self.len += size;
+                // The next segment's spare is filled while this one's second half is written:
+                // not at start, where its 32 MiB of writes would compete with the first syncs.
+                if !self.spare_asked && self.len > self.capacity.max(SEGMENT_BYTES) / 2 {
+                    self.spare_asked = self.want_spare.try_send(()).is_ok();
+                }
                 if let Some(seg) = self.segments.last_mut() {
                     seg.max_id = records.iter().map(|r| r.id).max().unwrap_or(seg.max_id);
                 }
@@ -329,7 +336,7 @@ impl Wal {
         let path = self.dir.join(segment_name(first_id));
         let (file, capacity) = take_segment(&self.dir, &path)?;
         sync_dir(&self.dir)?;
-        let _ = self.want_spare.try_send(());
+        self.spare_asked = false;
         self.file = file;
         self.len = 0;
         self.capacity = capacity;
@@ -522,6 +529,28 @@ mod tests {
             records.iter().map(|r| r.id).collect::<Vec<_>>(),
             [1, 2, 3, 4]
         );
+    }
+
+    #[test]
+    fn the_next_spare_is_asked_for_once_the_segment_is_half_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1, false).unwrap();
+        let (tx, asked) = mpsc::sync_channel(1);
+        wal.want_spare = tx;
+        let big = |id| WalRecord {
+            record: vec![7; 1024 * 1024],
+            ..rec(id)
+        };
+        // Frames of a little over 1 MiB: the 16th passes half of 32 MiB.
+        let half = SEGMENT_BYTES / (1024 * 1024) / 2;
+        for id in 1..half {
+            wal.append(&[big(id)]).unwrap();
+        }
+        assert!(asked.try_recv().is_err(), "not before half the segment");
+        wal.append(&[big(half)]).unwrap();
+        assert!(asked.try_recv().is_ok());
+        wal.append(&[big(half + 1)]).unwrap();
+        assert!(asked.try_recv().is_err(), "once per segment");
     }
 
     #[test]
