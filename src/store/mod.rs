@@ -45,7 +45,7 @@ use crate::config::StoreSettings;
 use crate::keys::Envelope;
 pub use pipeline::{Affected, ControlOp, Live};
 use pipeline::{Applier, Op, Writer};
-use txn::{Counts, Txn, COUNTERS, DEAD, DEDUP, DONE, MESSAGES, NEXT_ID, QUEUE, REFS};
+use txn::{Counts, Txn, COUNTERS, DEAD, DEDUP, DEDUP_HASHED, DONE, MESSAGES, NEXT_ID, QUEUE, REFS};
 pub use txn::{DeadLetter, Selector};
 use wal::{Wal, WalRecord};
 
@@ -506,9 +506,21 @@ impl Store {
             tx.open_table(crate::audit::AUDIT_META)
                 .map_err(|e| open_err(e.into()))?;
         }
+        // Store format 1 keyed the duplicate index by a hash; rebuild it in sender order.
+        let rebuild = tx
+            .delete_table(DEDUP_HASHED)
+            .map_err(|e| open_err(e.into()))?;
         {
             let mut t = Txn::open(&tx, None)?;
             t.index_dead_letters()?;
+            if rebuild {
+                let cutoff = now_ms().saturating_sub(settings.dedup_window.as_millis() as u64);
+                let made = t.rebuild_dedup(cutoff)?;
+                tracing::info!(
+                    entries = made,
+                    "Rebuilt the duplicate index in sender order."
+                );
+            }
             t.finish()?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
@@ -857,7 +869,7 @@ fn make_record(meta: &Meta, sealed: &[u8]) -> Vec<u8> {
 }
 
 /// Splits a `messages` record into metadata and sealed body; `None` when malformed.
-fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
+pub(super) fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
     let len = u32::from_be_bytes(rec.get(..4)?.try_into().ok()?) as usize;
     let end = 4usize.checked_add(len)?;
     let meta = serde_json::from_slice(rec.get(4..end)?).ok()?;
@@ -880,7 +892,7 @@ pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
             },
         );
     e.time_ms = r.received_ms;
-    if let Some((m, _)) = split_record(&r.record) {
+    if let Some(m) = r.meta.clone() {
         e = e
             .listener(m.listener)
             .actor(m.peer)
@@ -917,20 +929,33 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// 16 bytes of SHA-256: collisions are out of reach, and short keys keep the table's pages full.
-fn dedup_key(meta: &Meta) -> [u8; 16] {
+/// Longest control id (MSH-10) kept whole in a duplicate-index key; longer ones are hashed.
+const DEDUP_ID_MAX: usize = 64;
+
+/// Key of a message in the duplicate index: its sender (16 bytes of SHA-256 over MSH-3 and
+/// MSH-4: collisions out of reach), then its control id as a length byte and the id, or 0xFF
+/// and 16 bytes of the id's SHA-256 when it is longer than [`DEDUP_ID_MAX`].
+///
+/// A sender's ids sort together, and counters (the usual MSH-10) sort by value within a length,
+/// so a new entry lands beside the sender's previous one. A commit then rewrites a few pages of
+/// the index rather than one page per message, as a key that is all hash did: with a day's
+/// window the index holds a day of messages, and that cost grew with it.
+pub(crate) fn dedup_key(meta: &Meta) -> Vec<u8> {
     let mut h = Sha256::new();
-    for part in [
-        &meta.sending_application,
-        &meta.sending_facility,
-        &meta.control_id,
-    ] {
+    for part in [&meta.sending_application, &meta.sending_facility] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    let digest = h.finalize();
-    let mut key = [0u8; 16];
-    key.copy_from_slice(&digest[..16]);
+    let mut key = Vec::with_capacity(17 + DEDUP_ID_MAX);
+    key.extend_from_slice(&h.finalize()[..16]);
+    let id = meta.control_id.as_bytes();
+    if id.len() <= DEDUP_ID_MAX {
+        key.push(id.len() as u8);
+        key.extend_from_slice(id);
+    } else {
+        key.push(0xFF);
+        key.extend_from_slice(&Sha256::digest(id)[..16]);
+    }
     key
 }
 
@@ -1080,5 +1105,112 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(submit("B").await.unwrap(), Stored::New(2));
         assert_eq!(submit("A").await.unwrap(), Stored::New(3));
+    }
+
+    #[test]
+    fn dedup_key_keeps_a_senders_counters_in_order() {
+        let key = |app: &str, fac: &str, ctrl: &str| {
+            dedup_key(&Meta {
+                sending_application: app.into(),
+                sending_facility: fac.into(),
+                ..meta(ctrl)
+            })
+        };
+        // Counters of one length sort by value, right after each other.
+        let ids: Vec<Vec<u8>> = (1000..1100)
+            .map(|n| key("LAB", "CLINIC", &format!("N{n}")))
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        // Another sender's ids never fall between them.
+        let other = key("RAD", "CLINIC", "N1050");
+        assert!(other < ids[0] || other > ids[99]);
+        // The parts cannot slide into each other.
+        assert_ne!(key("AB", "C", "1"), key("A", "BC", "1"));
+        // Long ids are hashed, still one key per id.
+        let long_a = key("LAB", "CLINIC", &"A".repeat(DEDUP_ID_MAX + 1));
+        let long_b = key("LAB", "CLINIC", &"B".repeat(DEDUP_ID_MAX + 1));
+        assert_ne!(long_a, long_b);
+        assert_eq!(long_a.len(), 16 + 1 + 16);
+        assert_eq!(long_a[16], 0xFF);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn format_1_duplicate_index_is_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StoreSettings {
+            path: dir.path().join("s.redb"),
+            dedup_window: Duration::from_secs(3600),
+            max_batch: 16,
+            retention: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
+            quota: 1 << 30,
+            cache: 1 << 20,
+        };
+        let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
+        let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
+        let intake = |ctrl: &str| Intake {
+            meta: meta(ctrl),
+            raw: b"MSH|x".to_vec(),
+            destinations: vec![],
+            mrn: None,
+        };
+        let running = Store::open(&settings)
+            .unwrap()
+            .start(Arc::clone(&env), &settings, &[], test_audit())
+            .unwrap();
+        let Running {
+            handle: h,
+            join,
+            outcomes,
+            reader,
+            live,
+            audit,
+            alerts_fired,
+        } = running;
+        drop((outcomes, reader, live, audit, alerts_fired));
+        assert_eq!(h.submit(intake("A")).await.unwrap(), Stored::New(1));
+        assert_eq!(h.submit(intake("B")).await.unwrap(), Stored::New(2));
+        drop(h);
+        join.join().unwrap();
+
+        // Turn the file into format 1: the index under its old name and key, one entry of it.
+        {
+            let db = Database::create(&settings.path).unwrap();
+            let tx = db.begin_write().unwrap();
+            assert!(tx.delete_table(DEDUP).unwrap());
+            tx.open_table(DEDUP_HASHED)
+                .unwrap()
+                .insert([7u8; 16].as_slice(), (1, now_ms()))
+                .unwrap();
+            tx.commit().unwrap();
+        }
+
+        let running = Store::open(&settings)
+            .unwrap()
+            .start(env, &settings, &[], test_audit())
+            .unwrap();
+        let Running {
+            handle: h,
+            join,
+            outcomes,
+            reader,
+            live,
+            audit,
+            alerts_fired,
+        } = running;
+        drop((outcomes, reader, live, audit, alerts_fired));
+        assert_eq!(h.submit(intake("A")).await.unwrap(), Stored::Duplicate(1));
+        assert_eq!(h.submit(intake("B")).await.unwrap(), Stored::Duplicate(2));
+        assert_eq!(h.submit(intake("C")).await.unwrap(), Stored::New(3));
+        drop(h);
+        join.join().unwrap();
+        let db = Database::create(&settings.path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let names: Vec<String> = tx
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        assert!(!names.iter().any(|n| n == "dedup"), "{names:?}");
     }
 }

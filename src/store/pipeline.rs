@@ -71,7 +71,7 @@ pub(super) enum Op {
 }
 
 /// Dedup keys of messages in the log but not yet applied to redb.
-pub(super) type Pending = Arc<Mutex<HashMap<[u8; 16], (u64, u64)>>>;
+pub(super) type Pending = Arc<Mutex<HashMap<Vec<u8>, (u64, u64)>>>;
 
 /// What the engine's other parts see of the store while it runs.
 pub struct Live {
@@ -186,7 +186,7 @@ impl Writer {
     fn log(&mut self, batch: &[Job]) -> Result<Logged, StoreError> {
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
-        let mut batch_keys: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
+        let mut batch_keys: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
         // An entry older than the window is no duplicate, whether or not it was pruned yet.
         let cutoff = now_ms().saturating_sub(self.dedup_window_ms);
         // Pending first, then redb: an entry leaves `pending` only after the applier committed
@@ -226,28 +226,29 @@ impl Writer {
                 .envelope
                 .seal(id, &intake.raw)
                 .map_err(|source| StoreError::Seal { id, source })?;
-            batch_keys.insert(dkey, (id, meta.received_ms));
-            let record = match &intake.mrn {
-                None => make_record(meta, &sealed),
+            batch_keys.insert(dkey.clone(), (id, meta.received_ms));
+            let meta = match &intake.mrn {
+                None => meta.clone(),
                 Some(mrn) => {
                     let mrn_sealed = self
                         .envelope
                         .seal(id | super::MRN_DOMAIN, mrn.as_bytes())
                         .map_err(|source| StoreError::Seal { id, source })?;
-                    let meta = super::Meta {
+                    super::Meta {
                         mrn_sealed: Some(
                             base64::engine::general_purpose::STANDARD.encode(mrn_sealed),
                         ),
                         ..meta.clone()
-                    };
-                    make_record(&meta, &sealed)
+                    }
                 }
             };
+            let record = make_record(&meta, &sealed);
             bytes += record.len() as u64;
             records.push(WalRecord {
                 id,
                 received_ms: meta.received_ms,
                 dedup_key: dkey,
+                meta: Some(meta),
                 destinations: intake.destinations.clone(),
                 record,
             });
@@ -380,10 +381,10 @@ impl Applier {
                     _ => None,
                 })
                 .max();
-            let keys: Vec<([u8; 16], u64)> = backlog
+            let keys: Vec<(Vec<u8>, u64)> = backlog
                 .iter()
                 .flat_map(|o| match o {
-                    Op::Records(r) => r.iter().map(|r| (r.dedup_key, r.id)).collect(),
+                    Op::Records(r) => r.iter().map(|r| (r.dedup_key.clone(), r.id)).collect(),
                     _ => Vec::new(),
                 })
                 .collect();

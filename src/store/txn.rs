@@ -25,7 +25,11 @@ use super::wal::WalRecord;
 use super::{dedup_key, split_record, write_err, StoreError};
 
 pub(super) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
-pub(super) const DEDUP: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
+/// Duplicate index: [`super::dedup_key`] -> (id, received ms).
+pub(super) const DEDUP: TableDefinition<&[u8], (u64, u64)> =
+    TableDefinition::new("dedup_by_sender");
+/// The index of store format 1, keyed by a hash of the whole key; replaced by [`DEDUP`].
+pub(super) const DEDUP_HASHED: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("dedup");
 pub(super) const QUEUE: TableDefinition<(&str, u64), (u64, u64, u32)> =
     TableDefinition::new("queue");
 pub(super) const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead");
@@ -174,9 +178,11 @@ impl<'t> Txn<'t> {
         self.messages
             .insert(r.id, r.record.as_slice())
             .map_err(write_err)?;
-        self.dedup
-            .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
-            .map_err(write_err)?;
+        if !r.dedup_key.is_empty() {
+            self.dedup
+                .insert(r.dedup_key.as_slice(), (r.id, r.received_ms))
+                .map_err(write_err)?;
+        }
         for d in &r.destinations {
             self.queue
                 .insert((d.as_str(), r.id), (r.id, r.received_ms, 0))
@@ -437,6 +443,29 @@ impl<'t> Txn<'t> {
     /// Removes duplicate-window entries of messages received before `cutoff`, walking
     /// `messages` in id order from `*cursor` (ids grow with time). At most `max` per call;
     /// returns how many messages it walked past.
+    /// Fills the duplicate index from the stored messages received since `cutoff`, newest
+    /// first; returns how many entries it made.
+    pub fn rebuild_dedup(&mut self, cutoff: u64) -> Result<usize, StoreError> {
+        let mut made = 0;
+        for row in self.messages.iter().map_err(write_err)?.rev() {
+            let (k, v) = row.map_err(write_err)?;
+            let Some((meta, _)) = split_record(v.value()) else {
+                continue;
+            };
+            if meta.received_ms < cutoff {
+                break;
+            }
+            let key = dedup_key(&meta);
+            if self.dedup.get(key.as_slice()).map_err(write_err)?.is_none() {
+                self.dedup
+                    .insert(key.as_slice(), (k.value(), meta.received_ms))
+                    .map_err(write_err)?;
+                made += 1;
+            }
+        }
+        Ok(made)
+    }
+
     pub fn prune_dedup(
         &mut self,
         cutoff: u64,
@@ -449,7 +478,7 @@ impl<'t> Txn<'t> {
             match split_record(v.value()) {
                 Some((meta, _)) if meta.received_ms >= cutoff => break,
                 Some((meta, _)) => expired.push((k.value(), dedup_key(&meta))),
-                None => expired.push((k.value(), [0u8; 16])),
+                None => expired.push((k.value(), Vec::new())),
             }
         }
         let walked = expired.len();

@@ -2,8 +2,8 @@
 //!
 //! Format: segment files `<state>/wal/<first id, 20 digits>.wal`, each a sequence of frames
 //! `payload length u32 BE | CRC-32 of payload u32 BE | payload`, payload =
-//! `id u64 BE | received ms u64 BE | dedup key [16] | destination count u8 | (name length u8 |
-//! name)* | messages-table record`, then zeros to the segment's end. The destinations are the
+//! `id u64 BE | received ms u64 BE | 16 bytes, zero (format 1 held a duplicate-key digest; never
+//! read) | destination count u8 | (name length u8 | name)* | messages-table record`, then zeros to the segment's end. The destinations are the
 //! message's queue entries, logged in the same frame as the message so both become durable
 //! together (promise 2). The record holds the metadata and the sealed body exactly as the
 //! `messages` table stores them, so the log holds no plaintext PHI either.
@@ -41,7 +41,10 @@ const PAYLOAD_HEADER: usize = 8 + 8 + 16;
 pub struct WalRecord {
     pub id: u64,
     pub received_ms: u64,
-    pub dedup_key: [u8; 16],
+    /// Key in the duplicate index, derived from `meta` (not logged).
+    pub dedup_key: Vec<u8>,
+    /// The metadata in `record`, parsed (not logged: decoding parses it again).
+    pub meta: Option<super::Meta>,
     /// Destinations the message is queued for (names, at most 255 of at most 255 bytes).
     pub destinations: Vec<String>,
     /// The `messages` table record: metadata and sealed body.
@@ -54,7 +57,7 @@ impl WalRecord {
         out.extend_from_slice(&[0u8; FRAME_HEADER]);
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.received_ms.to_be_bytes());
-        out.extend_from_slice(&self.dedup_key);
+        out.extend_from_slice(&[0u8; 16]);
         // Names are validated to 64 bytes and a route list to fewer than 255 destinations.
         let dests = &self.destinations[..self.destinations.len().min(255)];
         out.push(dests.len() as u8);
@@ -73,7 +76,6 @@ impl WalRecord {
     fn decode(payload: &[u8]) -> Option<WalRecord> {
         let id = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
         let received_ms = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
-        let dedup_key = payload.get(16..32)?.try_into().ok()?;
         let count = *payload.get(PAYLOAD_HEADER)? as usize;
         let mut pos = PAYLOAD_HEADER + 1;
         let mut destinations = Vec::with_capacity(count);
@@ -83,12 +85,15 @@ impl WalRecord {
             destinations.push(String::from_utf8(name.to_vec()).ok()?);
             pos += 1 + len;
         }
+        let record = payload.get(pos..)?.to_vec();
+        let meta = super::split_record(&record).map(|(m, _)| m);
         Some(WalRecord {
             id,
             received_ms,
-            dedup_key,
+            dedup_key: meta.as_ref().map(super::dedup_key).unwrap_or_default(),
+            meta,
             destinations,
-            record: payload.get(pos..)?.to_vec(),
+            record,
         })
     }
 }
@@ -424,7 +429,8 @@ mod tests {
         WalRecord {
             id,
             received_ms: 7,
-            dedup_key: [id as u8; 16],
+            dedup_key: vec![id as u8; 16],
+            meta: None,
             destinations: vec!["hospital".into(), "lab".into()],
             record: vec![id as u8; 100],
         }
