@@ -892,7 +892,7 @@ pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
             },
         );
     e.time_ms = r.received_ms;
-    if let Some(m) = r.meta.clone() {
+    if let Some(m) = r.meta.as_deref().cloned() {
         e = e
             .listener(m.listener)
             .actor(m.peer)

@@ -248,7 +248,7 @@ impl Writer {
                 id,
                 received_ms: meta.received_ms,
                 dedup_key: dkey,
-                meta: Some(meta),
+                meta: Some(Box::new(meta)),
                 destinations: intake.destinations.clone(),
                 record,
             });

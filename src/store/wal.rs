@@ -44,7 +44,7 @@ pub struct WalRecord {
     /// Key in the duplicate index, derived from `meta` (not logged).
     pub dedup_key: Vec<u8>,
     /// The metadata in `record`, parsed (not logged: decoding parses it again).
-    pub meta: Option<super::Meta>,
+    pub meta: Option<Box<super::Meta>>,
     /// Destinations the message is queued for (names, at most 255 of at most 255 bytes).
     pub destinations: Vec<String>,
     /// The `messages` table record: metadata and sealed body.
@@ -86,11 +86,11 @@ impl WalRecord {
             pos += 1 + len;
         }
         let record = payload.get(pos..)?.to_vec();
-        let meta = super::split_record(&record).map(|(m, _)| m);
+        let meta = super::split_record(&record).map(|(m, _)| Box::new(m));
         Some(WalRecord {
             id,
             received_ms,
-            dedup_key: meta.as_ref().map(super::dedup_key).unwrap_or_default(),
+            dedup_key: meta.as_deref().map(super::dedup_key).unwrap_or_default(),
             meta,
             destinations,
             record,
