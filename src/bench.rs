@@ -12,11 +12,9 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::client::MllpClient;
-use crate::config::Settings;
 use crate::demo::samples::adt_1k;
 use crate::demo::upstream;
 use crate::devpki;
-use crate::engine::Engine;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -494,18 +492,15 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
 async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
-    let config = crate::demo::write_config(dir, &pki, 0, 0, crate::demo::Forward::None)?;
-    let settings = Settings::load(&config)?;
-    let engine = Engine::start(&settings).await?;
-    let tls_addr = engine
-        .addr("integration")
-        .context("no integration listener")?;
-    let plain_addr = engine.addr("legacy").context("no legacy listener")?;
+    let (tls_port, plain_port) = (free_port()?, free_port()?);
+    let config =
+        crate::demo::write_config(dir, &pki, tls_port, plain_port, crate::demo::Forward::None)?;
+    let (engine, _) = EngineProcess::start(&config, dir).await?;
     let tls = Arc::new(Target::Tls(
-        tls_addr,
+        ([127, 0, 0, 1], tls_port).into(),
         TlsConnector::from(devpki::client_config(&pki)?),
     ));
-    let plain = Arc::new(Target::Plain(plain_addr));
+    let plain = Arc::new(Target::Plain(([127, 0, 0, 1], plain_port).into()));
 
     let appended = probe(dir, 2.0, false).await?;
     println!(
@@ -525,7 +520,16 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             "{:<44} {:>9.0} fsync/s  (4 KiB over zero-filled blocks + fdatasync, as the log)",
             "disk, preallocated file", fsync
         );
-        let mut r = scenario(label, Arc::clone(target), run, seq_n, 1, None, None).await?;
+        let mut r = scenario(
+            label,
+            Arc::clone(target),
+            run,
+            seq_n,
+            1,
+            None,
+            Some(&engine),
+        )
+        .await?;
         r.print();
         shares.push(100.0 * r.messages as f64 / r.elapsed.as_secs_f64() / fsync);
     }
@@ -541,7 +545,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
-        None,
+        Some(&engine),
     )
     .await?
     .print();
@@ -553,7 +557,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
-        None,
+        Some(&engine),
     )
     .await?
     .print();
@@ -569,11 +573,16 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         n,
         args.connections,
         Some(args.rate),
-        None,
+        Some(&engine),
     )
     .await?
     .print();
 
-    engine.shutdown().await;
-    Ok(())
+    println!(
+        "{:<44} {}   (peak {})",
+        "engine RSS after the intake scenarios",
+        engine.status("VmRSS"),
+        engine.status("VmHWM")
+    );
+    engine.stop().await
 }

@@ -281,7 +281,16 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
         }
         Command::Bench(args) => {
             hl7edge::telemetry::init(true, "warn");
-            runtime()?.block_on(hl7edge::bench::run(args)).map_err(|e| {
+            // The load generator and the upstream receiver share one thread, leaving the
+            // cores to the engine process it measures.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    eprintln!("hl7edge: cannot start the runtime: {e}");
+                    ExitCode::from(EXIT_START)
+                })?;
+            rt.block_on(hl7edge::bench::run(args)).map_err(|e| {
                 eprintln!("hl7edge bench: {e:#}");
                 ExitCode::from(EXIT_START)
             })
