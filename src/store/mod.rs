@@ -538,7 +538,7 @@ impl Store {
         };
         let (records, clean) = wal::replay(&self.wal_dir).map_err(wal_err)?;
         let next = self.next_id()?;
-        let missing: Vec<WalRecord> = records.into_iter().filter(|r| r.id >= next).collect();
+        let mut missing: Vec<WalRecord> = records.into_iter().filter(|r| r.id >= next).collect();
         let applied = missing.len();
         if applied > 0 {
             let tx = self.db.begin_write().map_err(write_err)?;
@@ -550,7 +550,7 @@ impl Store {
                 t.finish()?;
             }
             // Their `message.received` records never made it either: they come from the log.
-            crate::audit::append(&tx, missing.iter().map(received_event).collect())?;
+            crate::audit::append(&tx, missing.iter_mut().map(received_event).collect())?;
             tx.commit().map_err(write_err)?;
             tracing::info!(
                 messages = applied,
@@ -878,8 +878,9 @@ pub(super) fn split_record(rec: &[u8]) -> Option<(Meta, &[u8])> {
 
 /// The `message.received` audit record of a logged message: header metadata, the MRN as its
 /// token and sealed, the destinations it was queued for. Derived from the log frame, so it is
-/// exactly as durable as the ACK that followed it.
-pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
+/// exactly as durable as the ACK that followed it. Takes the record's parsed metadata (the
+/// record itself keeps it), or parses it again when taken already.
+pub(crate) fn received_event(r: &mut WalRecord) -> crate::audit::Event {
     let mut e = crate::audit::Event::new("message.received")
         .message(r.id)
         .outcome("stored")
@@ -892,7 +893,11 @@ pub(crate) fn received_event(r: &WalRecord) -> crate::audit::Event {
             },
         );
     e.time_ms = r.received_ms;
-    if let Some(m) = r.meta.as_deref().cloned() {
+    let meta = match r.meta.take() {
+        Some(m) => Some(*m),
+        None => split_record(&r.record).map(|(m, _)| m),
+    };
+    if let Some(m) = meta {
         e = e
             .listener(m.listener)
             .actor(m.peer)

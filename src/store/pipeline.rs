@@ -506,10 +506,10 @@ impl Applier {
         let mut swept = false;
         let counts = {
             let mut t = Txn::open(&tx, Some(self.counts.clone()))?;
-            for op in ops.iter() {
+            for op in ops.iter_mut() {
                 match op {
                     Op::Records(records) => {
-                        for r in records {
+                        for r in records.iter_mut() {
                             t.insert_record(r)?;
                             events.push(super::received_event(r));
                         }
