@@ -366,6 +366,67 @@ impl Drop for EngineProcess {
     }
 }
 
+/// The upstream receiver on a thread and runtime of its own: the hospital is another machine,
+/// and on the load generator's thread each of its answers would wait behind 32 clients' work.
+/// Stops when dropped.
+struct Upstream {
+    addr: std::net::SocketAddr,
+    count: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    fn start(bind: std::net::SocketAddr) -> anyhow::Result<Upstream> {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-upstream".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match upstream::start(bind, None, false).await {
+                        Ok(h) => {
+                            let _ = started_tx.send(Ok((h.addr, Arc::clone(&h.count))));
+                            let _ = stopped.await;
+                            drop(h);
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let (addr, count) = started
+            .recv()
+            .context("the upstream receiver's thread ended")??;
+        Ok(Upstream {
+            addr,
+            count,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A port free on loopback now (the engine process binds it a moment later).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -379,7 +440,7 @@ fn free_port() -> anyhow::Result<u16> {
 async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let pki = devpki::generate(&dir.join("tls"), "demo-ehr")?;
-    let hospital = upstream::start(([127, 0, 0, 1], 0).into(), None, false).await?;
+    let hospital = Upstream::start(([127, 0, 0, 1], 0).into())?;
     let up_addr = hospital.addr;
     let port = free_port()?;
     let config = crate::demo::write_config(
@@ -464,7 +525,7 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     );
 
     // 4. Drain: the upstream comes back at the same address.
-    let hospital = upstream::start(up_addr, None, false).await?;
+    let hospital = Upstream::start(up_addr)?;
     let first = until_count(&hospital.count, 1, Duration::from_secs(30)).await;
     let last = until_count(&hospital.count, queued, Duration::from_secs(900)).await;
     match (first, last) {

@@ -21,6 +21,12 @@ pub mod route;
 pub mod store;
 pub mod telemetry;
 
+/// Stack size of every thread the engine starts (the runtime's workers and blocking threads,
+/// the store's writer, applier and log-segment threads). With memory locked (below) a thread's
+/// whole stack is resident, so the default 2 MiB each cost 14 MB of RSS; the deepest use
+/// measured under full load, TLS handshakes included, was 56 KiB.
+pub const THREAD_STACK: usize = 512 * 1024;
+
 /// Process hardening done first thing: no core dumps (they would hold PHI and keys, promise 3).
 pub fn harden_process() {
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);

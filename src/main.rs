@@ -203,6 +203,7 @@ fn load(config: &std::path::Path) -> Result<Settings, ExitCode> {
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(hl7edge::THREAD_STACK)
         .enable_all()
         .build()
         .map_err(|e| {

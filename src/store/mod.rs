@@ -825,10 +825,12 @@ impl Store {
         let spawn_err = |e| StoreError::Write(Box::new(redb::Error::Io(e)));
         let applier = std::thread::Builder::new()
             .name("store-applier".into())
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || applier.run(apply_rx))
             .map_err(spawn_err)?;
         let join = std::thread::Builder::new()
             .name("store-writer".into())
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || writer.run(rx, applier))
             .map_err(spawn_err)?;
         Ok(Running {

@@ -256,6 +256,7 @@ impl Wal {
         if background {
             std::thread::Builder::new()
             .name("wal-spare".into())
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || {
                 while wanted.recv().is_ok() {
                     if let Err(e) = make_spare(&spare_dir) {
