@@ -440,9 +440,6 @@ impl<'t> Txn<'t> {
         Ok((expired.into_iter().map(|(_, id)| id).collect(), dead))
     }
 
-    /// Removes duplicate-window entries of messages received before `cutoff`, walking
-    /// `messages` in id order from `*cursor` (ids grow with time). At most `max` per call;
-    /// returns how many messages it walked past.
     /// Fills the duplicate index from the stored messages received since `cutoff`, newest
     /// first; returns how many entries it made.
     pub fn rebuild_dedup(&mut self, cutoff: u64) -> Result<usize, StoreError> {
@@ -466,6 +463,9 @@ impl<'t> Txn<'t> {
         Ok(made)
     }
 
+    /// Removes duplicate-window entries of messages received before `cutoff`, walking
+    /// `messages` in id order from `*cursor` (ids grow with time). At most `max` per call;
+    /// returns how many messages it walked past.
     pub fn prune_dedup(
         &mut self,
         cutoff: u64,
