@@ -1220,4 +1220,65 @@ mod tests {
             .collect();
         assert!(!names.iter().any(|n| n == "dedup"), "{names:?}");
     }
+
+    /// A message only in the log when the engine died is recovered with its duplicate-index
+    /// entry, the key derived from the logged record: the sender's retry is a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_recovered_from_the_log_is_a_duplicate_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StoreSettings {
+            path: dir.path().join("s.redb"),
+            dedup_window: Duration::from_secs(3600),
+            max_batch: 16,
+            retention: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
+            quota: 1 << 30,
+            cache: 1 << 20,
+        };
+        let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
+        let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
+        // What the writer logs before the ACK, left behind as by kill -9 before any apply.
+        {
+            let m = meta("LOST-1");
+            let record = make_record(&m, &env.seal(1, b"MSH|x").unwrap());
+            let mut wal = wal::Wal::create(&dir.path().join("wal"), 1).unwrap();
+            wal.append(&[WalRecord {
+                id: 1,
+                received_ms: m.received_ms,
+                dedup_key: dedup_key(&m),
+                meta: None,
+                destinations: vec![],
+                record,
+            }])
+            .unwrap();
+        }
+        let running = Store::open(&settings)
+            .unwrap()
+            .start(env, &settings, &[], test_audit())
+            .unwrap();
+        let Running {
+            handle: h,
+            join,
+            outcomes,
+            reader,
+            live,
+            audit,
+            alerts_fired,
+        } = running;
+        assert_eq!(reader.list().unwrap().len(), 1);
+        drop((outcomes, reader, live, audit, alerts_fired));
+        let intake = |ctrl: &str| Intake {
+            meta: meta(ctrl),
+            raw: b"MSH|x".to_vec(),
+            destinations: vec![],
+            mrn: None,
+        };
+        assert_eq!(
+            h.submit(intake("LOST-1")).await.unwrap(),
+            Stored::Duplicate(1)
+        );
+        assert_eq!(h.submit(intake("LOST-2")).await.unwrap(), Stored::New(2));
+        drop(h);
+        join.join().unwrap();
+    }
 }
