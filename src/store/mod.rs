@@ -999,6 +999,33 @@ mod tests {
         }
     }
 
+    fn test_settings(dir: &Path, dedup_window: Duration) -> StoreSettings {
+        StoreSettings {
+            path: dir.join("s.redb"),
+            dedup_window,
+            max_batch: 16,
+            retention: Duration::from_secs(3600),
+            dead_letter_retention: Duration::from_secs(3600),
+            quota: 1 << 30,
+            cache: 1 << 20,
+        }
+    }
+
+    /// The handle, the reader and the store's thread; the rest is dropped, because every
+    /// sender must go for the writer and the applier to stop.
+    fn parts(r: Running) -> (StoreHandle, StoreReader, std::thread::JoinHandle<()>) {
+        (r.handle, r.reader, r.join)
+    }
+
+    fn intake(ctrl: &str) -> Intake {
+        Intake {
+            meta: meta(ctrl),
+            raw: b"MSH|x".to_vec(),
+            destinations: vec![],
+            mrn: None,
+        }
+    }
+
     fn meta(ctrl: &str) -> Meta {
         Meta {
             listener: "t".into(),
@@ -1021,15 +1048,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_submissions_are_stored_once_and_encrypted() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = StoreSettings {
-            path: dir.path().join("s.redb"),
-            dedup_window: Duration::from_secs(3600),
-            max_batch: 16,
-            retention: Duration::from_secs(3600),
-            dead_letter_retention: Duration::from_secs(3600),
-            quota: 1 << 30,
-            cache: 1 << 20,
-        };
+        let settings = test_settings(dir.path(), Duration::from_secs(3600));
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
@@ -1037,16 +1056,7 @@ mod tests {
             .start(Arc::clone(&env), &settings, &[], test_audit())
             .unwrap();
         // Every sender must go for the writer and the applier to stop.
-        let Running {
-            handle: h,
-            join,
-            outcomes,
-            reader,
-            live,
-            audit,
-            alerts_fired,
-        } = running;
-        drop((outcomes, reader, live, audit, alerts_fired));
+        let (h, _, join) = parts(running);
         let mut tasks = Vec::new();
         for i in 0..100 {
             let h = h.clone();
@@ -1084,15 +1094,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn duplicate_window_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = StoreSettings {
-            path: dir.path().join("s.redb"),
-            dedup_window: Duration::from_millis(20),
-            max_batch: 16,
-            retention: Duration::from_secs(3600),
-            dead_letter_retention: Duration::from_secs(3600),
-            quota: 1 << 30,
-            cache: 1 << 20,
-        };
+        let settings = test_settings(dir.path(), Duration::from_millis(20));
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         let store = Store::open(&settings).unwrap();
@@ -1144,37 +1146,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn format_1_duplicate_index_is_rebuilt_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = StoreSettings {
-            path: dir.path().join("s.redb"),
-            dedup_window: Duration::from_secs(3600),
-            max_batch: 16,
-            retention: Duration::from_secs(3600),
-            dead_letter_retention: Duration::from_secs(3600),
-            quota: 1 << 30,
-            cache: 1 << 20,
-        };
+        let settings = test_settings(dir.path(), Duration::from_secs(3600));
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
-        let intake = |ctrl: &str| Intake {
-            meta: meta(ctrl),
-            raw: b"MSH|x".to_vec(),
-            destinations: vec![],
-            mrn: None,
-        };
         let running = Store::open(&settings)
             .unwrap()
             .start(Arc::clone(&env), &settings, &[], test_audit())
             .unwrap();
-        let Running {
-            handle: h,
-            join,
-            outcomes,
-            reader,
-            live,
-            audit,
-            alerts_fired,
-        } = running;
-        drop((outcomes, reader, live, audit, alerts_fired));
+        let (h, _, join) = parts(running);
         assert_eq!(h.submit(intake("A")).await.unwrap(), Stored::New(1));
         assert_eq!(h.submit(intake("B")).await.unwrap(), Stored::New(2));
         drop(h);
@@ -1196,16 +1175,7 @@ mod tests {
             .unwrap()
             .start(env, &settings, &[], test_audit())
             .unwrap();
-        let Running {
-            handle: h,
-            join,
-            outcomes,
-            reader,
-            live,
-            audit,
-            alerts_fired,
-        } = running;
-        drop((outcomes, reader, live, audit, alerts_fired));
+        let (h, _, join) = parts(running);
         assert_eq!(h.submit(intake("A")).await.unwrap(), Stored::Duplicate(1));
         assert_eq!(h.submit(intake("B")).await.unwrap(), Stored::Duplicate(2));
         assert_eq!(h.submit(intake("C")).await.unwrap(), Stored::New(3));
@@ -1226,15 +1196,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_recovered_from_the_log_is_a_duplicate_afterwards() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = StoreSettings {
-            path: dir.path().join("s.redb"),
-            dedup_window: Duration::from_secs(3600),
-            max_batch: 16,
-            retention: Duration::from_secs(3600),
-            dead_letter_retention: Duration::from_secs(3600),
-            quota: 1 << 30,
-            cache: 1 << 20,
-        };
+        let settings = test_settings(dir.path(), Duration::from_secs(3600));
         let mut sealer = DevSealer::open_or_create(&dir.path().join("dev.key")).unwrap();
         let env = Arc::new(load_message_keys(&mut sealer, dir.path()).unwrap());
         // What the writer logs before the ACK, left behind as by kill -9 before any apply.
@@ -1256,23 +1218,9 @@ mod tests {
             .unwrap()
             .start(env, &settings, &[], test_audit())
             .unwrap();
-        let Running {
-            handle: h,
-            join,
-            outcomes,
-            reader,
-            live,
-            audit,
-            alerts_fired,
-        } = running;
+        let (h, reader, join) = parts(running);
         assert_eq!(reader.list().unwrap().len(), 1);
-        drop((outcomes, reader, live, audit, alerts_fired));
-        let intake = |ctrl: &str| Intake {
-            meta: meta(ctrl),
-            raw: b"MSH|x".to_vec(),
-            destinations: vec![],
-            mrn: None,
-        };
+        drop(reader);
         assert_eq!(
             h.submit(intake("LOST-1")).await.unwrap(),
             Stored::Duplicate(1)
