@@ -95,7 +95,7 @@ pub(crate) fn read_err(e: impl Into<redb::Error>) -> StoreError {
 }
 
 /// Metadata kept in plaintext beside each sealed message: header fields that carry no PHI.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Meta {
     pub listener: String,
     pub peer: String,

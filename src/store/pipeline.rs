@@ -28,11 +28,10 @@ const SWEEP_MAX: usize = 2000;
 
 /// How often the applier makes its redb commits durable (and so lets the log shrink).
 const DURABLE_EVERY: Duration = Duration::from_millis(200);
-/// Least time between two applier commits. Each commit rewrites every B-tree page it touched
-/// (the duplicate index is keyed by hash, so its inserts land all over it): 40 ms worth of
-/// records shares those rewrites among four times as many as 10 ms did, for about a fifth
-/// less CPU per message at 32 connections (bench), and forwarders see a message at most
-/// that much later.
+/// Least time between two applier commits. Each commit rewrites every B-tree page it touched:
+/// 40 ms worth of records shares those rewrites among four times as many as 10 ms did, for
+/// about a fifth less CPU per message at 32 connections (bench, measured while the duplicate
+/// index was still keyed by a hash), and forwarders see a message at most that much later.
 const APPLY_EVERY: Duration = Duration::from_millis(40);
 
 /// An operator action on dead letters.
@@ -182,8 +181,9 @@ impl Writer {
 
     /// Checks duplicates and the quota, seals, appends the batch to the log with one fsync.
     /// Returns each job's result and the logged records, for the applier. On error nothing of
-    /// the batch is stored or counted.
-    fn log(&mut self, batch: &[Job]) -> Result<Logged, StoreError> {
+    /// the batch is stored or counted. A new message's metadata and destinations move from its
+    /// job into its record.
+    fn log(&mut self, batch: &mut [Job]) -> Result<Logged, StoreError> {
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
         let mut batch_keys: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
@@ -199,7 +199,7 @@ impl Writer {
         let dedup = tx.open_table(DEDUP).map_err(read_err)?;
         let mut next = self.next_id;
         let mut bytes = self.live.live_bytes.load(Ordering::Acquire);
-        for job in batch {
+        for job in batch.iter_mut() {
             let Job::Intake { intake, .. } = job else {
                 continue;
             };
@@ -227,21 +227,15 @@ impl Writer {
                 .seal(id, &intake.raw)
                 .map_err(|source| StoreError::Seal { id, source })?;
             batch_keys.insert(dkey.clone(), (id, meta.received_ms));
-            let meta = match &intake.mrn {
-                None => meta.clone(),
-                Some(mrn) => {
-                    let mrn_sealed = self
-                        .envelope
-                        .seal(id | super::MRN_DOMAIN, mrn.as_bytes())
-                        .map_err(|source| StoreError::Seal { id, source })?;
-                    super::Meta {
-                        mrn_sealed: Some(
-                            base64::engine::general_purpose::STANDARD.encode(mrn_sealed),
-                        ),
-                        ..meta.clone()
-                    }
-                }
-            };
+            let mut meta = std::mem::take(&mut intake.meta);
+            if let Some(mrn) = &intake.mrn {
+                let mrn_sealed = self
+                    .envelope
+                    .seal(id | super::MRN_DOMAIN, mrn.as_bytes())
+                    .map_err(|source| StoreError::Seal { id, source })?;
+                meta.mrn_sealed =
+                    Some(base64::engine::general_purpose::STANDARD.encode(mrn_sealed));
+            }
             let record = make_record(&meta, &sealed);
             bytes += record.len() as u64;
             records.push(WalRecord {
@@ -249,7 +243,7 @@ impl Writer {
                 received_ms: meta.received_ms,
                 dedup_key: dkey,
                 meta: Some(Box::new(meta)),
-                destinations: intake.destinations.clone(),
+                destinations: std::mem::take(&mut intake.destinations),
                 record,
             });
             results.push(Ok(Stored::New(id)));
@@ -381,26 +375,12 @@ impl Applier {
                     _ => None,
                 })
                 .max();
-            let keys: Vec<(Vec<u8>, u64)> = backlog
-                .iter()
-                .flat_map(|o| match o {
-                    Op::Records(r) => r.iter().map(|r| (r.dedup_key.clone(), r.id)).collect(),
-                    _ => Vec::new(),
-                })
-                .collect();
             match self.commit(&mut backlog, durable) {
                 Ok(()) => {
                     failures = 0;
                     if let Some(max) = max_in {
                         applied_max = applied_max.max(max);
                     }
-                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    for (k, id) in keys {
-                        if pending.get(&k).is_some_and(|(pid, _)| *pid == id) {
-                            pending.remove(&k);
-                        }
-                    }
-                    drop(pending);
                     if durable {
                         self.undurable.clear();
                         self.durable.store(applied_max, Ordering::Release);
@@ -599,6 +579,18 @@ impl Applier {
             audit::journal_checkpoint(&cp);
         }
         self.after_chain(&records);
+        // Their duplicate-index entries are in redb now: the writer's reads see them there.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for op in ops.iter() {
+            if let Op::Records(logged) = op {
+                for r in logged {
+                    if pending.get(&r.dedup_key).is_some_and(|(id, _)| *id == r.id) {
+                        pending.remove(&r.dedup_key);
+                    }
+                }
+            }
+        }
+        drop(pending);
         self.counts = counts.clone();
         *self.live.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
         let mut answers = answers.into_iter();
