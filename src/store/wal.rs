@@ -2,16 +2,18 @@
 //!
 //! Format: segment files `<state>/wal/<first id, 20 digits>.wal`, each a sequence of frames
 //! `payload length u32 BE | CRC-32 of payload u32 BE | payload`, payload =
-//! `id u64 BE | received ms u64 BE | 16 bytes, zero (format 1 held a duplicate-key digest; never
-//! read) | destination count u8 | (name length u8 | name)* | messages-table record`, then zeros to the segment's end. The destinations are the
-//! message's queue entries, logged in the same frame as the message so both become durable
-//! together (promise 2). The record holds the metadata and the sealed body exactly as the
-//! `messages` table stores them, so the log holds no plaintext PHI either.
+//! `id u64 BE | received ms u64 BE | 16 zero bytes | destination count u8 | (name length u8 |
+//! name)* | messages-table record`, then zeros to the segment's end. (Format 1 held a digest of
+//! the duplicate key in the 16 bytes; they are never read, replay derives the key from the
+//! record.) The destinations are the message's queue entries, logged in the same frame as the
+//! message so both become durable together (promise 2). The record holds the metadata and the
+//! sealed body exactly as the `messages` table stores them, so the log holds no plaintext PHI
+//! either.
 //!
 //! Segments are zero-filled to [`SEGMENT_BYTES`] before they take frames (a background thread
-//! fills the next one, `spare`, while the current one's second half is written), so an append overwrites blocks that are already allocated and its
-//! `fdatasync` writes data only: no block allocation, no size change, no filesystem journal
-//! commit. That nearly halves the cost of a sync here (see the README's performance section).
+//! fills the next one, `spare`, while the current one's second half is written), so an append
+//! overwrites blocks that are already allocated and its `fdatasync` writes data only: no block
+//! allocation, no size change, no filesystem journal commit. That nearly halves the cost of a sync here (see the README's performance section).
 //!
 //! Invariants:
 //! - A batch is written with one write and one `fdatasync`; only then are its senders answered.
