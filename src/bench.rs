@@ -47,8 +47,8 @@ struct Report {
     elapsed: Duration,
     lat_us: Vec<u64>,
     failures: usize,
-    /// CPU time (user + system) per message of this process (load generator, and the engine when
-    /// in-process) plus the engine's process when it runs apart.
+    /// CPU time (user + system) per message of this process (load generator, upstream
+    /// receiver) and the engine's process together.
     cpu_us: f64,
 }
 
@@ -179,12 +179,12 @@ async fn scenario(
     messages: usize,
     conns: usize,
     rate: Option<u32>,
-    engine: Option<&EngineProcess>,
+    engine: &EngineProcess,
 ) -> anyhow::Result<Report> {
     let per = messages / conns;
     let pace = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
     let start = Instant::now();
-    let cpu = cpu_time() + engine.map_or(Duration::ZERO, EngineProcess::cpu);
+    let cpu = cpu_time() + engine.cpu();
     let mut tasks = Vec::new();
     for c in 0..conns {
         let target = Arc::clone(&target);
@@ -199,7 +199,7 @@ async fn scenario(
         lat_us.extend(l);
         failures += f;
     }
-    let cpu = (cpu_time() + engine.map_or(Duration::ZERO, EngineProcess::cpu)).saturating_sub(cpu);
+    let cpu = (cpu_time() + engine.cpu()).saturating_sub(cpu);
     Ok(Report {
         label: label.to_string(),
         messages: per * conns,
@@ -237,7 +237,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
             println!(
-                "peak RSS of the bench process (load generator, upstream; the intake run's engine): {}",
+                "peak RSS of the bench process (load generator, upstream receiver): {}",
                 line.trim_start_matches("VmHWM:").trim()
             );
         }
@@ -469,7 +469,7 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
-        Some(&engine),
+        &engine,
     )
     .await?;
     let n = r.messages as u64;
@@ -497,7 +497,7 @@ async fn relay(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         backlog,
         args.connections,
         None,
-        Some(&engine),
+        &engine,
     )
     .await?;
     r.print();
@@ -581,16 +581,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             "{:<44} {:>9.0} fsync/s  (4 KiB over zero-filled blocks + fdatasync, as the log)",
             "disk, preallocated file", fsync
         );
-        let mut r = scenario(
-            label,
-            Arc::clone(target),
-            run,
-            seq_n,
-            1,
-            None,
-            Some(&engine),
-        )
-        .await?;
+        let mut r = scenario(label, Arc::clone(target), run, seq_n, 1, None, &engine).await?;
         r.print();
         shares.push(100.0 * r.messages as f64 / r.elapsed.as_secs_f64() / fsync);
     }
@@ -606,7 +597,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
-        Some(&engine),
+        &engine,
     )
     .await?
     .print();
@@ -618,7 +609,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.messages,
         args.connections,
         None,
-        Some(&engine),
+        &engine,
     )
     .await?
     .print();
@@ -634,7 +625,7 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         n,
         args.connections,
         Some(args.rate),
-        Some(&engine),
+        &engine,
     )
     .await?
     .print();

@@ -201,15 +201,20 @@ fn load(config: &std::path::Path) -> Result<Settings, ExitCode> {
     })
 }
 
+/// The engine's runtime: a worker per core.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .thread_stack_size(hl7edge::THREAD_STACK)
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("hl7edge: cannot start the runtime: {e}");
-            ExitCode::from(EXIT_START)
-        })
+    build_runtime(
+        tokio::runtime::Builder::new_multi_thread().thread_stack_size(hl7edge::THREAD_STACK),
+    )
+}
+
+fn build_runtime(
+    builder: &mut tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("hl7edge: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_START)
+    })
 }
 
 fn main() -> ExitCode {
@@ -284,17 +289,12 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             hl7edge::telemetry::init(true, "warn");
             // The load generator and the upstream receiver share one thread, leaving the
             // cores to the engine process it measures.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+            build_runtime(&mut tokio::runtime::Builder::new_current_thread())?
+                .block_on(hl7edge::bench::run(args))
                 .map_err(|e| {
-                    eprintln!("hl7edge: cannot start the runtime: {e}");
+                    eprintln!("hl7edge bench: {e:#}");
                     ExitCode::from(EXIT_START)
-                })?;
-            rt.block_on(hl7edge::bench::run(args)).map_err(|e| {
-                eprintln!("hl7edge bench: {e:#}");
-                ExitCode::from(EXIT_START)
-            })
+                })
         }
         Command::Store {
             command: StoreCommand::Compact { config },
