@@ -14,13 +14,33 @@ pub use hl7edge::devpki::{self, DevPki};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hl7edge");
 
-/// A free TCP port on loopback (bound then released).
+/// A free TCP port on loopback, for a listener a test configures by number.
+///
+/// Taken from 20000..32000, below the kernel's ephemeral range (32768..60999 by default): a
+/// port the kernel hands out for `bind(0)` goes back to that pool when released, and another
+/// test's outgoing connection may take it as its source port before the engine binds it
+/// (EADDRINUSE). Each test process starts at an offset of its own and never hands a port out
+/// twice; the port is checked bindable on both TCP and UDP.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(2_654_435_761)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// The Python venv with python-hl7 and hl7apy that tests/run.sh made.
@@ -147,7 +167,7 @@ impl Instance {
             .path()
             .join(format!("notify-{}.sock", rand_suffix()));
         let sock = UnixDatagram::bind(&sock_path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30)))
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -164,12 +184,20 @@ impl Instance {
         adjust(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let mut buf = [0u8; 256];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match sock.recv(&mut buf) {
                 Ok(n) if String::from_utf8_lossy(&buf[..n]).contains("READY=1") => break,
                 Ok(_) => continue,
+                // The read timeout only bounds the wait for an engine that exited or hangs.
+                Err(e) if std::time::Instant::now() < deadline => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("engine exited before READY ({status}): {e}\n{}", self.log());
+                    }
+                }
                 Err(e) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("engine not ready: {e}\n{}", self.log());
                 }
             }
