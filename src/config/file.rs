@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -473,7 +472,8 @@ fn validate_keys(
                 .tcti
                 .clone()
                 .unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
-            if let Err(e) = tss_esapi::tcti_ldr::TctiNameConf::from_str(&tcti) {
+            #[cfg(feature = "tpm")]
+            if let Err(e) = tcti.parse::<tss_esapi::tcti_ldr::TctiNameConf>() {
                 return Err(cx.err(
                     "keys.tcti",
                     format!("not a TCTI (device:PATH, swtpm:host=H,port=P, ...): {e}"),
@@ -523,6 +523,13 @@ fn validate_keys(
                     }
                 }
             };
+            if !cfg!(feature = "tpm") {
+                return Err(cx.err(
+                    "keys.provider",
+                    "this hl7edge was built without TPM support: build it with \
+                     `cargo build --release --features tpm` (needs libtss2-dev)",
+                ));
+            }
             Ok(KeySettings::Tpm(TpmSettings {
                 tcti,
                 pcrs,

@@ -389,6 +389,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "tpm"))]
+    fn tpm_keys_are_refused_by_a_build_without_the_tpm_feature() {
+        let e = err("[keys]\nprovider = \"tpm\"\npcrs = [7]\n");
+        assert!(e.contains("keys.provider"), "{e}");
+        assert!(e.contains("--features tpm"), "{e}");
+        assert!(e.contains("/etc/hl7edge/hl7edge.toml"), "{e}");
+    }
+
+    #[test]
+    #[cfg(feature = "tpm")]
     fn tpm_keys_need_an_explicit_pcr_set_and_valid_values() {
         let e = err("[keys]\nprovider = \"tpm\"\n");
         assert!(e.contains("keys.pcrs"), "{e}");
