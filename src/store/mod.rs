@@ -1,12 +1,13 @@
 //! The durable store: a write-ahead log in front of redb, fed by a group-commit writer, and the
 //! per-destination queues the forwarders drain.
 //!
-//! Intake path (promise 1): every accepted message goes to the writer thread with the
-//! destinations its routes picked. The writer takes every message waiting at that moment (up to
-//! `max_batch`), checks duplicates and the quota, seals each body, and appends the whole batch to
-//! the write-ahead log ([`wal`]) with one write and one `fdatasync`; each log frame holds the
-//! message and its queue entries (promise 2). Only then does it answer the submitters, which send
-//! the ACKs.
+//! Intake path (promise 1): every accepted message goes to the writer's queue with the
+//! destinations its routes picked. A writer round takes every message waiting at that moment (up
+//! to `max_batch`), checks duplicates and the quota, seals each body, and appends the whole batch
+//! to the write-ahead log ([`wal`]) with one `O_DSYNC` write; each log frame holds the message and
+//! its queue entries (promise 2). Only then does it answer the submitters, which send the ACKs.
+//! The writer thread runs the rounds, except that a submitter whose message waits alone runs
+//! its round itself (`pipeline::Shared`): a lone sender's ACK then waits for the disk only.
 //!
 //! The applier thread ([`pipeline`]) moves logged records into redb ([`txn`] lists the tables),
 //! together with the forwarders' outcomes (delivered, attempted, dead) and operator actions
@@ -44,7 +45,7 @@ use zeroize::Zeroizing;
 use crate::config::StoreSettings;
 use crate::keys::Envelope;
 pub use pipeline::{Affected, ControlOp, Live};
-use pipeline::{Applier, Op, Writer};
+use pipeline::{Applier, Op, Shared, Writer};
 use txn::{Counts, Txn, COUNTERS, DEAD, DEDUP, DEDUP_HASHED, DONE, MESSAGES, NEXT_ID, QUEUE, REFS};
 pub use txn::{DeadLetter, Selector};
 use wal::{Wal, WalRecord};
@@ -168,7 +169,20 @@ pub(crate) enum Job {
 /// Submits messages and operator actions to the writer. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreHandle {
+    // Dropped before `closer`: when the last handle goes, the writer thread is woken after the
+    // queue's last sender is gone, and so finds it closed.
     tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
+}
+
+/// Wakes the writer thread when the last [`StoreHandle`] is dropped, so that it stops.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.wake();
+    }
 }
 
 impl StoreHandle {
@@ -182,6 +196,10 @@ impl StoreHandle {
             })
             .await
             .map_err(|_| Arc::new(StoreError::WriterGone))?;
+        // Permits return to the channel as jobs are taken, so the permits in use count the
+        // jobs waiting (and any a sender is queueing: it then leads or wakes the writer itself).
+        self.shared
+            .lead(|| self.tx.max_capacity() - self.tx.capacity());
         rx.await.map_err(|_| Arc::new(StoreError::WriterGone))?
     }
 
@@ -192,6 +210,7 @@ impl StoreHandle {
             .send(Job::Control { op, reply })
             .await
             .map_err(|_| StoreError::WriterGone)?;
+        self.shared.wake();
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 }
@@ -821,20 +840,34 @@ impl Store {
             durable,
             live: Arc::clone(&live),
             apply_tx,
+            rx,
         };
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(Some(writer)),
+            thread: std::sync::OnceLock::new(),
+        });
         let spawn_err = |e| StoreError::Write(Box::new(redb::Error::Io(e)));
         let applier = std::thread::Builder::new()
             .name("store-applier".into())
             .stack_size(crate::THREAD_STACK)
             .spawn(move || applier.run(apply_rx))
             .map_err(spawn_err)?;
-        let join = std::thread::Builder::new()
-            .name("store-writer".into())
-            .stack_size(crate::THREAD_STACK)
-            .spawn(move || writer.run(rx, applier))
-            .map_err(spawn_err)?;
+        let join = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .stack_size(crate::THREAD_STACK)
+                .spawn(move || shared.run(applier))
+                .map_err(spawn_err)?
+        };
+        // Before any handle exists, so no job is queued while nobody can wake the thread.
+        let _ = shared.thread.set(join.thread().clone());
         Ok(Running {
-            handle: StoreHandle { tx },
+            handle: StoreHandle {
+                tx,
+                _closer: Arc::new(Closer(Arc::clone(&shared))),
+                shared,
+            },
             reader: StoreReader {
                 db,
                 envelope: Some(envelope),
@@ -1089,6 +1122,49 @@ mod tests {
         drop(store);
         let file = std::fs::read(&settings.path).unwrap();
         assert!(!file.windows(6).any(|w| w == b"CANARY"));
+    }
+
+    /// One sender, one message at a time: each round is run by the sender itself (multi-thread
+    /// runtime) or by the writer thread (current-thread runtime). Either way every message is
+    /// answered once stored, a duplicate is found, and the writer stops when the handle goes.
+    async fn lone_sender(dir: &Path) {
+        let settings = test_settings(dir, Duration::from_secs(3600));
+        let mut sealer = DevSealer::open_or_create(&dir.join("dev.key")).unwrap();
+        let env = Arc::new(load_message_keys(&mut sealer, dir).unwrap());
+        let running = Store::open(&settings)
+            .unwrap()
+            .start(env, &settings, &[], test_audit())
+            .unwrap();
+        let (h, _, join) = parts(running);
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            match h.submit(intake(&format!("L{i}"))).await.unwrap() {
+                Stored::New(id) => ids.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+        let again = h.submit(intake("L7")).await.unwrap();
+        assert!(
+            matches!(again, Stored::Duplicate(id) if id == ids[7]),
+            "{again:?}"
+        );
+        drop(h);
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+        let reader = Store::open(&settings).unwrap().reader();
+        assert_eq!(reader.list().unwrap().len(), 40);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_sender_runs_its_own_rounds() {
+        lone_sender(tempfile::tempdir().unwrap().path()).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_sender_on_a_current_thread_runtime_wakes_the_writer() {
+        lone_sender(tempfile::tempdir().unwrap().path()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,46 +107,141 @@ pub(super) struct Writer {
     pub durable: Arc<AtomicU64>,
     pub live: Arc<Live>,
     pub apply_tx: std::sync::mpsc::Sender<Op>,
+    pub rx: mpsc::Receiver<Job>,
+}
+
+/// What one writer round found.
+pub(super) enum Round {
+    /// It logged and answered what was waiting.
+    Took,
+    /// Nothing was waiting.
+    Empty,
+    /// Nothing was waiting and every handle is gone.
+    Closed,
+}
+
+/// The writer, shared between its thread and the submitters that run a round themselves.
+///
+/// A submitter whose message is the only one waiting, and who finds the writer free, runs the
+/// round on its own thread: its message is logged with one fsync and answered without waking
+/// another thread. That takes two thread hand-offs (each a wake-up of a sleeping thread) out of
+/// a lone sender's ACK: one sequential connection went from about 50 % to about 70 % of the
+/// disk's fsync rate (bench). Any other submitter wakes the writer thread, which batches what
+/// waits; so does a leader that leaves messages behind. Under load the thread runs the rounds
+/// as before and no sender's ACK waits on other connections' rounds.
+///
+/// The round blocks a runtime worker for one fsync. Only one round runs at a time, and a
+/// submitter leads only on a multi-thread runtime with at least two workers, so the others go
+/// on serving connections meanwhile (`block_in_place` would hand the worker's tasks to another
+/// thread instead, and that hand-off cost as much as the two it saves).
+pub(super) struct Shared {
+    pub writer: Mutex<Option<Writer>>,
+    pub thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Shared {
+    /// Wakes the writer thread (free when it is already awake).
+    pub fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// Called by a submitter after queueing its job, with the number of jobs that may be
+    /// waiting (its own included): leads a round when its job is alone and the writer is free,
+    /// else wakes the writer thread.
+    pub fn lead(&self, waiting: impl Fn() -> usize) {
+        let spare_workers = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                && h.metrics().num_workers() >= 2
+        });
+        if !spare_workers || waiting() > 1 {
+            return self.wake();
+        }
+        let Ok(mut guard) = self.writer.try_lock() else {
+            return self.wake();
+        };
+        if let Some(writer) = guard.as_mut() {
+            writer.round();
+        }
+        drop(guard);
+        if waiting() > 0 {
+            self.wake();
+        }
+    }
+
+    /// The writer thread: runs rounds while jobs wait, parks when none do, and at the end
+    /// (every handle gone) lets the applier make everything durable in redb and drops the log.
+    pub fn run(&self, applier: std::thread::JoinHandle<()>) {
+        loop {
+            let round = match self
+                .writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                Some(writer) => writer.round(),
+                None => Round::Closed,
+            };
+            match round {
+                Round::Took => {}
+                Round::Empty => std::thread::park(),
+                Round::Closed => break,
+            }
+        }
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer {
+            writer.finish(applier);
+        }
+    }
 }
 
 impl Writer {
-    pub fn run(mut self, mut rx: mpsc::Receiver<Job>, applier: std::thread::JoinHandle<()>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(first) = rx.blocking_recv() {
-            let mut control = None;
-            match first {
-                Job::Intake { .. } => batch.push(first),
-                Job::Control { op, reply } => control = Some((op, reply)),
-            }
-            while control.is_none() && batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job @ Job::Intake { .. }) => batch.push(job),
-                    Ok(Job::Control { op, reply }) => control = Some((op, reply)),
-                    Err(_) => break,
+    /// Takes the jobs waiting now (up to `max_batch`, and up to the first operator action),
+    /// logs them with one fsync and answers their senders, then hands the action on.
+    pub fn round(&mut self) -> Round {
+        let mut batch = Vec::new();
+        let mut control = None;
+        let mut closed = false;
+        while control.is_none() && batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(job @ Job::Intake { .. }) => batch.push(job),
+                Ok(Job::Control { op, reply }) => control = Some((op, reply)),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
             }
-            if !batch.is_empty() {
-                self.commit_batch(&mut batch);
-            }
-            if let Some((op, reply)) = control {
-                // Seqs from here on are past every id logged so far, and the applier receives
-                // this after those records: a replayed message goes to the back of its queue.
-                let first_seq = self.next_id;
-                self.next_id += REPLAY_MAX;
-                let op = Op::Control {
-                    op,
-                    first_seq,
-                    reply,
-                };
-                if let Err(std::sync::mpsc::SendError(Op::Control { reply, .. })) =
-                    self.apply_tx.send(op)
-                {
-                    let _ = reply.send(Err(StoreError::WriterGone));
-                }
-            }
-            self.wal.release(self.durable.load(Ordering::Acquire));
         }
-        // Every handle is gone: let the applier make everything durable in redb, then drop the log.
+        if batch.is_empty() && control.is_none() {
+            return if closed { Round::Closed } else { Round::Empty };
+        }
+        if !batch.is_empty() {
+            self.commit_batch(&mut batch);
+        }
+        if let Some((op, reply)) = control {
+            // Seqs from here on are past every id logged so far, and the applier receives
+            // this after those records: a replayed message goes to the back of its queue.
+            let first_seq = self.next_id;
+            self.next_id += REPLAY_MAX;
+            let op = Op::Control {
+                op,
+                first_seq,
+                reply,
+            };
+            if let Err(std::sync::mpsc::SendError(Op::Control { reply, .. })) =
+                self.apply_tx.send(op)
+            {
+                let _ = reply.send(Err(StoreError::WriterGone));
+            }
+        }
+        self.wal.release(self.durable.load(Ordering::Acquire));
+        Round::Took
+    }
+
+    /// Every handle is gone: let the applier make everything durable in redb, then drop the log.
+    fn finish(self, applier: std::thread::JoinHandle<()>) {
         drop(self.apply_tx);
         let _ = applier.join();
         self.wal.close(self.durable.load(Ordering::Acquire));
