@@ -7,9 +7,9 @@
 //! - `disk`: the LUKS2 data partition's passphrase (`keys unseal-disk`);
 //! - `tunnel`: the WireGuard private key (X25519), its public key from `keys tunnel-pubkey`.
 //!
-//! A [`Sealer`] wraps and unwraps them: the TPM 2.0 sealer ([`tpm`], PolicyPCR on a configured
-//! PCR set) or the development sealer (AES-256-GCM under a key file, refused in production
-//! unless `danger_software_keys`, and every start with it logs a warning).
+//! A [`Sealer`] wraps and unwraps them: the TPM 2.0 sealer (module `tpm`, cargo feature `tpm`;
+//! PolicyPCR on a configured PCR set) or the development sealer (AES-256-GCM under a key file,
+//! refused in production unless `danger_software_keys`, and every start with it logs a warning).
 //! On-disk format: `<state_dir>/keys/<name>-<id>.sealed`, one blob per key id (ids from 1),
 //! files mode 0600 in a 0700 folder, written atomically. Plaintext keys exist only in memory,
 //! zeroized on drop, and never appear in Debug output, logs or errors.
