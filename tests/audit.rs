@@ -211,7 +211,7 @@ fn every_tampering_is_caught_by_audit_verify_at_its_sequence_number() {
     inst.start();
     let mut c = MllpConn::connect(inst.plain_addr());
     // Three rounds, each signed by a checkpoint (they are signed in durable commits, every
-    // 200 ms) before the next.
+    // 100 ms) before the next.
     for round in 0..3u64 {
         for i in 0..10 {
             let ack = c.send(&hl7_message(

@@ -22,7 +22,7 @@
 //!
 //! Durability: a message's `message.received` record is derived from its write-ahead log frame,
 //! so it is as durable as the ACK. Other records are committed with the applier's next durable
-//! commit (at most 200 ms later); a crash in that window can lose them, never reorder them.
+//! commit (at most 100 ms later); a crash in that window can lose them, never reorder them.
 
 pub mod alerts;
 pub mod cli;

@@ -11,7 +11,7 @@
 //!
 //! The applier thread ([`pipeline`]) moves logged records into redb ([`txn`] lists the tables),
 //! together with the forwarders' outcomes (delivered, attempted, dead) and operator actions
-//! (replay, discard). It commits without fsync as changes arrive and with one every 200 ms; log
+//! (replay, discard). It commits without fsync as changes arrive and with one every 100 ms; log
 //! segments are deleted only up to the last durable commit. [`Store::open`] replays the log into
 //! redb before anything else, so after a crash every acknowledged message and its queue entries
 //! are in redb. An outcome lost in a crash means the message is sent again: at least once.
@@ -245,7 +245,7 @@ impl Outcomes {
 }
 
 /// Sends audit events to the applier, which chains them into the `audit` table in its next
-/// commit (durable within 200 ms). Cheap to clone; never blocks.
+/// commit (durable within 100 ms). Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: std::sync::mpsc::Sender<Op>,
