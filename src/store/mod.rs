@@ -169,7 +169,7 @@ pub(crate) enum Job {
 /// Submits messages and operator actions to the writer. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreHandle {
-    // Dropped before `closer`: when the last handle goes, the writer thread is woken after the
+    // Dropped before `_closer`: when the last handle goes, the writer thread is woken after the
     // queue's last sender is gone, and so finds it closed.
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
