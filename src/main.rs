@@ -17,8 +17,25 @@ const EXIT_TAMPERED: u8 = 65;
 /// foreign blob, wrong development key file (promise 7: the engine does not start).
 const EXIT_KEYS: u8 = 71;
 
+/// `hl7edge --version`: also which key sealers this build has (the TPM one is a cargo feature).
+#[cfg(feature = "tpm")]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (key sealers: tpm, development)"
+);
+#[cfg(not(feature = "tpm"))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (key sealers: development only; built without the `tpm` feature)"
+);
+
 #[derive(Parser)]
-#[command(name = "hl7edge", version, about = "Hardened HL7 v2 edge gateway")]
+#[command(
+    name = "hl7edge",
+    version,
+    long_version = LONG_VERSION,
+    about = "Hardened HL7 v2 edge gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

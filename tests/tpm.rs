@@ -206,6 +206,14 @@ fn status_line<'a>(status: &'a str, key: &str) -> &'a str {
 }
 
 #[test]
+fn the_version_names_the_tpm_sealer_of_this_build() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("key sealers: tpm, development"), "{text}");
+}
+
+#[test]
 fn keys_seal_in_the_tpm_unseal_after_its_restart_and_the_engine_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let mut tpm = Swtpm::start(&tmp.path().join("tpm"));
