@@ -524,11 +524,7 @@ fn validate_keys(
                 }
             };
             if !cfg!(feature = "tpm") {
-                return Err(cx.err(
-                    "keys.provider",
-                    "this hl7edge was built without TPM support: build it with \
-                     `cargo build --release --features tpm` (needs libtss2-dev)",
-                ));
+                return Err(cx.err("keys.provider", super::BUILT_WITHOUT_TPM));
             }
             Ok(KeySettings::Tpm(TpmSettings {
                 tcti,

@@ -18,6 +18,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+/// Why a build without the `tpm` cargo feature refuses `provider = "tpm"`.
+pub const BUILT_WITHOUT_TPM: &str = "this hl7edge was built without TPM support: build it with \
+     `cargo build --release --features tpm` (needs libtss2-dev)";
+
 pub use audit::AuditSettings;
 pub use file::FileConfig;
 

@@ -294,7 +294,7 @@ pub fn open_sealer(settings: &KeySettings) -> Result<Box<dyn Sealer>, KeyError> 
         #[cfg(not(feature = "tpm"))]
         KeySettings::Tpm(t) => Err(KeyError::TpmOpen {
             tcti: t.tcti.clone(),
-            reason: "this hl7edge was built without the `tpm` feature".into(),
+            reason: crate::config::BUILT_WITHOUT_TPM.into(),
         }),
     }
 }

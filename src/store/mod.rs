@@ -169,17 +169,17 @@ pub(crate) enum Job {
 /// Submits messages and operator actions to the writer. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreHandle {
-    // Dropped before `_closer`: when the last handle goes, the writer thread is woken after the
+    // Dropped before `writer`: when the last handle goes, the writer thread is woken after the
     // queue's last sender is gone, and so finds it closed.
     tx: mpsc::Sender<Job>,
-    shared: Arc<Shared>,
-    _closer: Arc<Closer>,
+    writer: Arc<HandlesWriter>,
 }
 
-/// Wakes the writer thread when the last [`StoreHandle`] is dropped, so that it stops.
-struct Closer(Arc<Shared>);
+/// The writer as the handles share it: wakes its thread when the last [`StoreHandle`] is
+/// dropped, so that it stops.
+struct HandlesWriter(Arc<Shared>);
 
-impl Drop for Closer {
+impl Drop for HandlesWriter {
     fn drop(&mut self) {
         self.0.wake();
     }
@@ -198,7 +198,8 @@ impl StoreHandle {
             .map_err(|_| Arc::new(StoreError::WriterGone))?;
         // Permits return to the channel as jobs are taken, so the permits in use count the
         // jobs waiting (and any a sender is queueing: it then leads or wakes the writer itself).
-        self.shared
+        self.writer
+            .0
             .lead(|| self.tx.max_capacity() - self.tx.capacity());
         rx.await.map_err(|_| Arc::new(StoreError::WriterGone))?
     }
@@ -210,7 +211,7 @@ impl StoreHandle {
             .send(Job::Control { op, reply })
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        self.shared.wake();
+        self.writer.0.wake();
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 }
@@ -841,6 +842,7 @@ impl Store {
             live: Arc::clone(&live),
             apply_tx,
             rx,
+            batch: Vec::with_capacity(settings.max_batch),
         };
         let shared = Arc::new(Shared {
             writer: Mutex::new(Some(writer)),
@@ -865,8 +867,7 @@ impl Store {
         Ok(Running {
             handle: StoreHandle {
                 tx,
-                _closer: Arc::new(Closer(Arc::clone(&shared))),
-                shared,
+                writer: Arc::new(HandlesWriter(shared)),
             },
             reader: StoreReader {
                 db,

@@ -111,6 +111,8 @@ pub(super) struct Writer {
     pub live: Arc<Live>,
     pub apply_tx: std::sync::mpsc::Sender<Op>,
     pub rx: mpsc::Receiver<Job>,
+    /// The round's jobs; kept between rounds for its capacity.
+    pub batch: Vec<Job>,
 }
 
 /// What one writer round found.
@@ -203,7 +205,7 @@ impl Writer {
     /// Takes the jobs waiting now (up to `max_batch`, and up to the first operator action),
     /// logs them with one fsync and answers their senders, then hands the action on.
     pub fn round(&mut self) -> Round {
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut self.batch);
         let mut control = None;
         let mut closed = false;
         while control.is_none() && batch.len() < self.max_batch {
@@ -218,11 +220,13 @@ impl Writer {
             }
         }
         if batch.is_empty() && control.is_none() {
+            self.batch = batch;
             return if closed { Round::Closed } else { Round::Empty };
         }
         if !batch.is_empty() {
             self.commit_batch(&mut batch);
         }
+        self.batch = batch;
         if let Some((op, reply)) = control {
             // Seqs from here on are past every id logged so far, and the applier receives
             // this after those records: a replayed message goes to the back of its queue.
