@@ -116,6 +116,45 @@ fn fsync_rate(dir: &std::path::Path, secs: f64, preallocated: bool) -> anyhow::R
     Ok(rate)
 }
 
+/// Mean round trip of `payload` sent over loopback TCP between two threads of this process
+/// that block in `read`, answered with an ACK-sized reply: no TLS, no parsing, no disk. What the
+/// machine itself costs a sequential sender (on a VM, mostly waking an idle virtual CPU twice),
+/// so that the sequential figures can be read against it.
+fn loopback_round_trip(payload: &[u8], rounds: usize) -> anyhow::Result<Duration> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let len = payload.len();
+    let echo = std::thread::Builder::new()
+        .name("bench-loopback".into())
+        .spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            let mut buf = vec![0u8; len];
+            let reply = [b'A'; 150];
+            loop {
+                match s.read_exact(&mut buf) {
+                    Ok(()) => s.write_all(&reply)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        })?;
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut reply = [0u8; 150];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        c.write_all(payload)?;
+        c.read_exact(&mut reply)?;
+    }
+    let elapsed = start.elapsed();
+    drop(c);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the loopback echo thread panicked"))??;
+    Ok(elapsed / rounds.max(1) as u32)
+}
+
 /// [`fsync_rate`] off the runtime's threads.
 async fn probe(dir: &std::path::Path, secs: f64, preallocated: bool) -> anyhow::Result<f64> {
     let dir = dir.to_path_buf();
@@ -580,6 +619,13 @@ async fn intake(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         println!(
             "{:<44} {:>9.0} fsync/s  (4 KiB over zero-filled blocks + fdatasync, as the log)",
             "disk, preallocated file", fsync
+        );
+        let framed = crate::hl7::mllp::encode(&adt_1k("B0C0N0"));
+        let rtt = tokio::task::spawn_blocking(move || loopback_round_trip(&framed, 5000)).await??;
+        println!(
+            "{:<44} {:>9.1} µs       (two blocking threads, 1 KB out, 150 B back, no TLS, no disk)",
+            "loopback round trip",
+            rtt.as_secs_f64() * 1e6
         );
         let mut r = scenario(label, Arc::clone(target), run, seq_n, 1, None, &engine).await?;
         r.print();
