@@ -8,8 +8,13 @@ use serde::Deserialize;
 use super::file::Ctx;
 use crate::audit::alerts::{AlertSettings, Rate, TimeWindow};
 
-/// Six years: HIPAA's retention for documentation such as audit logs.
+/// Six years, HIPAA's retention for documentation such as audit logs, counted with the two leap
+/// days six years can hold: the default retention.
 const SIX_YEARS: Duration = Duration::from_secs(6 * 365 * 86_400 + 2 * 86_400);
+
+/// Six years as an operator writes them, `"6y"` (humantime counts a year as 365.25 days, half a
+/// day under [`SIX_YEARS`]): the default legal minimum, so that `retention = "6y"` is accepted.
+const SIX_YEARS_AS_WRITTEN: Duration = Duration::from_secs(6 * 365 * 86_400 + 3 * 43_200);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,7 +23,7 @@ pub struct AuditFile {
     #[serde(default = "six_years", with = "humantime_serde")]
     pub retention: Duration,
     /// The retention the law requires here; `retention` below it is refused. Default 6 years.
-    #[serde(default = "six_years", with = "humantime_serde")]
+    #[serde(default = "six_years_as_written", with = "humantime_serde")]
     pub legal_minimum: Duration,
     /// Sign a checkpoint after this many records...
     #[serde(default = "default_checkpoint_every")]
@@ -35,7 +40,7 @@ impl Default for AuditFile {
     fn default() -> Self {
         AuditFile {
             retention: SIX_YEARS,
-            legal_minimum: SIX_YEARS,
+            legal_minimum: SIX_YEARS_AS_WRITTEN,
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval: default_checkpoint_interval(),
             journal_messages: false,
@@ -45,6 +50,9 @@ impl Default for AuditFile {
 
 fn six_years() -> Duration {
     SIX_YEARS
+}
+fn six_years_as_written() -> Duration {
+    SIX_YEARS_AS_WRITTEN
 }
 fn default_checkpoint_every() -> u64 {
     10_000

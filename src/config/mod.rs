@@ -387,6 +387,19 @@ mod tests {
     }
 
     #[test]
+    fn six_years_as_an_operator_writes_them_meet_the_default_legal_minimum() {
+        // humantime's "6y" is 6 x 365.25 days, half a day under the default retention.
+        let s = load(&format!("{KEYS}[audit]\nretention = \"6y\"\n")).unwrap();
+        assert_eq!(s.audit.retention, humantime::parse_duration("6y").unwrap());
+        assert_eq!(
+            load(KEYS).unwrap().audit.retention,
+            Duration::from_secs((6 * 365 + 2) * 86_400)
+        );
+        let e = err(&format!("{KEYS}[audit]\nretention = \"2191days\"\n"));
+        assert!(e.contains("audit.retention"), "{e}");
+    }
+
+    #[test]
     fn development_keys_in_production_are_refused() {
         let e = err("[keys]\nprovider = \"development\"\n");
         assert!(e.contains("keys.danger_software_keys"), "{e}");
