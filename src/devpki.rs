@@ -23,10 +23,15 @@ pub struct DevPki {
 }
 
 fn write(path: &Path, data: &str, private: bool) -> std::io::Result<()> {
+    // Always a new file (O_EXCL, no symlink followed), so a private key never inherits the
+    // permissions of a file that was there before.
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(if private { 0o600 } else { 0o644 })
         .open(path)?;
     f.write_all(data.as_bytes())

@@ -412,6 +412,7 @@ fn key_fail(e: hl7edge::keys::KeyError) -> ExitCode {
 fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
     use hl7edge::keys::{self, Envelope, KeyKind};
     use std::io::{IsTerminal, Write};
+    use std::os::fd::AsFd;
     let state = &settings.state_dir;
     // One owner of the sealer (and of the TPM connection) for the whole command.
     let mut sealer = keys::open_sealer(&settings.keys).map_err(key_fail)?;
@@ -441,6 +442,15 @@ fn keys(settings: &Settings, command: KeysCommand) -> Result<(), ExitCode> {
             let mut out = std::io::stdout().lock();
             if out.is_terminal() {
                 eprintln!("hl7edge: refusing to write the disk key to a terminal; pipe it: hl7edge keys unseal-disk | cryptsetup open --key-file=- DEVICE NAME");
+                return Err(ExitCode::from(EXIT_START));
+            }
+            // Nor into a file, where it would sit in plaintext (promise 3): a pipe or a socket.
+            let to_file = nix::sys::stat::fstat(std::io::stdout().as_fd()).is_ok_and(|st| {
+                let kind = st.st_mode & nix::libc::S_IFMT;
+                kind != nix::libc::S_IFIFO && kind != nix::libc::S_IFSOCK
+            });
+            if to_file {
+                eprintln!("hl7edge: refusing to write the disk key anywhere but a pipe; pipe it: hl7edge keys unseal-disk | cryptsetup open --key-file=- DEVICE NAME");
                 return Err(ExitCode::from(EXIT_START));
             }
             let (_, key) = keys::load_current(sealer, state, KeyKind::Disk).map_err(key_fail)?;

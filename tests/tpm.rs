@@ -260,6 +260,21 @@ fn keys_seal_in_the_tpm_unseal_after_its_restart_and_the_engine_starts() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Nor into a file, where it would stay in plaintext.
+    let file = inst.dir.path().join("disk.key");
+    let out = Command::new(BIN)
+        .args(["keys", "unseal-disk", "--config"])
+        .arg(&inst.config)
+        .stdout(std::fs::File::create(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(70));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("anywhere but a pipe"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
 
     inst.start();
     let ack = send_plain(inst.plain_addr(), &adt("TPM1", "DOE")).unwrap();

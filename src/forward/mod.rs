@@ -494,10 +494,12 @@ fn classify(answer: &[u8], control_id: &str) -> Result<(), Failure> {
         return Err(attempt("the answer has no MSA segment with a valid MSA-1"));
     };
     if info.control_id != control_id {
-        // MSA-2 is the destination's text: kept short, never whole, in reasons.
-        let got: String = info.control_id.chars().take(40).collect();
+        // A destination that answers with the wrong MSA-2 may have put anything there (an
+        // accession number, an MRN): the reason, which reaches logs, the audit, dead letters
+        // and `queue status`, names only its length.
         return Err(attempt(&format!(
-            "the ACK's MSA-2 {got:?} does not match the sent MSH-10 {control_id:?}"
+            "the ACK's MSA-2 ({} characters) does not match the sent MSH-10 {control_id:?}",
+            info.control_id.chars().count()
         )));
     }
     match info.code {
@@ -575,10 +577,19 @@ mod tests {
         };
         assert!(classify(&ack("AA", "C1"), "C1").is_ok());
         assert!(classify(&ack("CA", "C1"), "C1").is_ok());
-        assert!(matches!(
-            classify(&ack("AA", "C2"), "C1"),
-            Err(Failure::Attempt { .. })
-        ));
+        match classify(&ack("AA", "MRN4711"), "C1") {
+            Err(Failure::Attempt { reason, .. }) => {
+                assert!(
+                    reason.contains("7 characters") && reason.contains("\"C1\""),
+                    "{reason}"
+                );
+                assert!(
+                    !reason.contains("MRN4711"),
+                    "the destination's MSA-2 in {reason}"
+                );
+            }
+            _ => panic!("a wrong MSA-2 must be a failed attempt"),
+        }
         assert!(matches!(
             classify(&ack("AE", "C1"), "C1"),
             Err(Failure::Attempt {

@@ -271,11 +271,16 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         fs::create_dir_all(dir).map_err(err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
+    // A new file of our own (O_EXCL, which also refuses a symlink): a leftover temporary file,
+    // or one planted with looser permissions, is removed, never written through.
     let tmp = path.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;
@@ -551,6 +556,37 @@ pub fn status(sealer: &mut dyn Sealer, state_dir: &Path) -> Result<Vec<KeyStatus
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_never_takes_a_leftover_temporary_files_permissions_or_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/k.blob");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let tmp = path.with_extension("tmp");
+        // A stale temporary file readable by all, then one that is a symlink elsewhere.
+        fs::write(&tmp, b"old").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"secret");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        write_private(&path, b"secret2").unwrap();
+        assert_eq!(
+            fs::read(&elsewhere).unwrap(),
+            b"",
+            "written through a symlink"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"secret2");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
 
     #[test]
     fn dev_sealer_round_trip_and_wrong_key_file() {
