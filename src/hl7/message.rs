@@ -232,8 +232,9 @@ impl fmt::Debug for Header {
     }
 }
 
-/// One PID-3 repetition (data type CX). Text values are unescaped and charset-decoded.
-#[derive(Clone, PartialEq, Eq)]
+/// One PID-3 repetition (data type CX). Text values are unescaped and charset-decoded. They
+/// are patient identifiers (an MRN, a social security number): wiped when dropped.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Identifier {
     /// CX.1, the identifier itself (never empty).
     pub id: String,
