@@ -117,7 +117,10 @@ impl Default for AlertsFile {
 
 /// A rule's table, or `false` to turn it off.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected false, or a table such as { threshold = 10, window = \"5m\" }"
+)]
 pub enum Toggle<T> {
     Off(bool),
     On(T),

@@ -203,7 +203,10 @@ pub struct StoreFile {
 
 /// A size in bytes, written as an integer or a string with a unit.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a size: bytes as an integer, or a string such as \"500MB\" or \"4GiB\""
+)]
 pub enum ByteSize {
     Bytes(u64),
     Text(String),
@@ -276,7 +279,10 @@ pub struct KeysFile {
 
 /// A TPM handle written as an integer (`0x81000001`) or a string (`"0x81000001"`).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a persistent TPM handle: an integer such as 0x81000001, or that as a string"
+)]
 pub enum HandleFile {
     Int(u32),
     Text(String),

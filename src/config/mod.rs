@@ -304,9 +304,29 @@ impl Settings {
     /// Parses and validates configuration text; `path` names it in errors and anchors
     /// relative paths.
     pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             file: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
+        };
+        let de = toml::Deserializer::parse(text).map_err(parse_error)?;
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key.is_empty() || key == "." {
+                return parse_error(inner);
+            }
+            let line = inner
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
+            ConfigError::Invalid {
+                file: path.to_path_buf(),
+                key,
+                message: match line {
+                    Some(l) => format!("{} (line {l})", inner.message()),
+                    None => inner.message().to_string(),
+                },
+            }
         })?;
         let mut settings = file.validate(path)?;
         settings.config_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text));
@@ -350,7 +370,22 @@ mod tests {
     fn unknown_key_names_file_and_key() {
         let e = err(&format!("{KEYS}[store]\ndedup_windw = \"1h\"\n"));
         assert!(e.contains("/etc/hl7edge/hl7edge.toml"), "{e}");
-        assert!(e.contains("dedup_windw"), "{e}");
+        assert!(e.contains("store.dedup_windw"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_dotted_key_and_line() {
+        let e = err(&format!("{KEYS}[store]\nmax_batch = \"lots\"\n"));
+        assert!(
+            e.starts_with("/etc/hl7edge/hl7edge.toml: store.max_batch: "),
+            "{e}"
+        );
+        assert!(e.contains("(line 6)"), "{e}");
+        let e = err(&format!(
+            "{KEYS}[[listener]]\nname = \"a\"\nkind = \"mllp\"\naddress = \"10.0.0.1:2575\"\n\
+             allow = [\"10.0.0.2\"]\nmax_connections = \"x\"\n"
+        ));
+        assert!(e.contains(": listener[0].max_connections: "), "{e}");
     }
 
     #[test]
