@@ -44,7 +44,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
 
     /// Sends `payload` framed.
     pub async fn send(&mut self, payload: &[u8]) -> Result<(), ClientError> {
-        self.stream.write_all(&mllp::encode(payload)).await?;
+        // The framed copy is message content (PHI, when forwarding): wiped once sent.
+        let framed = zeroize::Zeroizing::new(mllp::encode(payload));
+        self.stream.write_all(&framed).await?;
         self.stream.flush().await?;
         Ok(())
     }

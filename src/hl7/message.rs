@@ -279,6 +279,13 @@ pub struct Message {
     header: Header,
 }
 
+/// The bytes are message content (PHI): wiped when the message is dropped.
+impl Drop for Message {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.raw);
+    }
+}
+
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
@@ -395,7 +402,10 @@ pub(crate) fn component<'a>(
 impl Message {
     /// Parses a copy of `raw`. See [`Message::parse_owned`].
     pub fn parse(raw: &[u8]) -> Result<Message, ParseError> {
-        Self::parse_owned(raw.to_vec()).map_err(|(e, _)| e)
+        Self::parse_owned(raw.to_vec()).map_err(|(e, mut copy)| {
+            zeroize::Zeroize::zeroize(&mut copy);
+            e
+        })
     }
 
     /// Parses `raw`, keeping it as the message's storage. On failure the bytes are handed back
@@ -425,8 +435,8 @@ impl Message {
     }
 
     /// Gives back the bytes exactly as received.
-    pub fn into_raw(self) -> Vec<u8> {
-        self.raw
+    pub fn into_raw(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.raw)
     }
 
     /// The typed MSH fields.

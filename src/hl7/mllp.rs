@@ -72,6 +72,14 @@ pub struct Deframer {
     truncated: u64,
 }
 
+/// What it holds is message content (PHI): wiped when the connection ends.
+impl Drop for Deframer {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.pending);
+        zeroize::Zeroize::zeroize(&mut self.payload);
+    }
+}
+
 impl Deframer {
     /// A deframer refusing payloads larger than `max_size` bytes.
     pub fn new(max_size: usize) -> Self {

@@ -65,7 +65,8 @@ pub async fn serve<S>(
     let s = &shared.settings;
     let counters = &shared.counters;
     let mut deframer = Deframer::new(s.max_message_size);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Holds message content as read (plaintext on `mllp`): wiped when the connection ends.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; 16 * 1024]);
     tracing::debug!(listener = %s.name, peer = %peer, "Connection opened.");
     'conn: loop {
         while let Some(event) = deframer.next_event() {
@@ -206,6 +207,8 @@ fn reject_reply(raw: &[u8], cond: ErrCondition, shared: &Shared) -> Option<Vec<u
 async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<Vec<u8>>, Next) {
     let s = &shared.settings;
     let counters = &shared.counters;
+    // Message content: wiped however this ends (the store takes it below).
+    let mut payload = zeroize::Zeroizing::new(payload);
     let msg = match Message::parse(&payload) {
         Ok(m) => m,
         Err(e) => {
@@ -287,7 +290,7 @@ async fn handle_frame(payload: Vec<u8>, peer: &str, shared: &Shared) -> (Option<
         .store
         .submit(Intake {
             meta,
-            raw: payload,
+            raw: std::mem::take(&mut *payload),
             destinations,
             mrn,
         })

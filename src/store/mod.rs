@@ -136,6 +136,13 @@ pub struct Intake {
     pub mrn: Option<Zeroizing<String>>,
 }
 
+/// The received message is PHI in plaintext: wiped once sealed and dropped.
+impl Drop for Intake {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.raw);
+    }
+}
+
 impl std::fmt::Debug for Intake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Intake")
