@@ -802,7 +802,10 @@ fn audit_query(
             std::io::stdin().read_line(&mut line).map_err(fail)?;
             Some(audit_keys(settings)?.token(line.trim()))
         }
-        Some(mrn) => Some(audit_keys(settings)?.token(mrn)),
+        Some(mrn) => {
+            eprintln!("hl7edge: note: an MRN on the command line shows in the process list and stays in shell history; `--mrn -` reads it from stdin");
+            Some(audit_keys(settings)?.token(mrn))
+        }
         None => None,
     };
     let filter = Filter {

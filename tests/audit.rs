@@ -94,10 +94,16 @@ fn a_message_life_is_audited_in_order_and_found_by_mrn_token_and_control_id() {
         .arg(&inst.config)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"MRNLIFE1\n").unwrap();
     let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("command line"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
         2,
@@ -141,6 +147,12 @@ fn a_message_life_is_audited_in_order_and_found_by_mrn_token_and_control_id() {
     // The search table for incident response.
     let out = inst.cli(&["audit", "search", "--mrn", "MRNLIFE1"]);
     let table = String::from_utf8_lossy(&out.stdout);
+    // An MRN on the command line works, with a pointer to the safer stdin.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`--mrn -` reads it from stdin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(table.contains("message.received") && table.contains("forward.delivered"));
     assert!(
         table.contains("LIFE1") && !table.contains("OTHER1"),
