@@ -267,11 +267,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    if !args.relay_only {
-        intake(&args, &dir.join("intake")).await?;
-    }
-    if !args.intake_only {
-        relay(&args, &dir.join("relay")).await?;
+    // Ctrl-C or SIGTERM drops the scenarios (their engine process is killed with them) and
+    // removes the store as a finished run does; a failed run leaves it, with the engine's log,
+    // for inspection.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        r = scenarios(&args, &dir) => r.map(|()| true),
+        _ = tokio::signal::ctrl_c() => Ok(false),
+        _ = term.recv() => Ok(false),
+    };
+    let finished = match outcome {
+        Ok(finished) => finished,
+        Err(e) => {
+            return Err(e.context(format!(
+                "bench failed; its store is left under {}",
+                dir.display()
+            )))
+        }
+    };
+    if !finished {
+        eprintln!("hl7edge bench: interrupted");
     }
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
@@ -283,6 +298,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.state_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    if finished {
+        Ok(())
+    } else {
+        std::process::exit(130)
+    }
+}
+
+async fn scenarios(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    if !args.relay_only {
+        intake(args, &dir.join("intake")).await?;
+    }
+    if !args.intake_only {
+        relay(args, &dir.join("relay")).await?;
     }
     Ok(())
 }
