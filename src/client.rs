@@ -56,7 +56,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
         loop {
             match self.deframer.next_event() {
                 Some(Event::Frame(p)) => return Ok(p),
-                Some(Event::Oversized { limit, .. }) => return Err(ClientError::Oversized(limit)),
+                Some(Event::Oversized { limit, mut prefix }) => {
+                    crate::wipe::vec(&mut prefix);
+                    return Err(ClientError::Oversized(limit));
+                }
                 None => {}
             }
             let n = self.stream.read(&mut self.buf).await?;

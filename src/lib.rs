@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod route;
 pub mod store;
 pub mod telemetry;
+pub mod wipe;
 
 /// Stack size of every thread the engine starts (the runtime's workers and blocking threads,
 /// the store's writer, applier and log-segment threads). With memory locked (below) a thread's

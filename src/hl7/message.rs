@@ -282,7 +282,7 @@ pub struct Message {
 /// The bytes are message content (PHI): wiped when the message is dropped.
 impl Drop for Message {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.raw);
+        crate::wipe::vec(&mut self.raw);
     }
 }
 
@@ -403,7 +403,7 @@ impl Message {
     /// Parses a copy of `raw`. See [`Message::parse_owned`].
     pub fn parse(raw: &[u8]) -> Result<Message, ParseError> {
         Self::parse_owned(raw.to_vec()).map_err(|(e, mut copy)| {
-            zeroize::Zeroize::zeroize(&mut copy);
+            crate::wipe::vec(&mut copy);
             e
         })
     }

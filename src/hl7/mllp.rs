@@ -13,6 +13,8 @@
 //!   a bounded prefix (enough to salvage the MSH segment for a NAK) and the caller closes.
 //! - The deframer never panics and scans each byte a bounded number of times.
 
+use crate::wipe;
+
 /// Start block.
 pub const SB: u8 = 0x0B;
 /// End block.
@@ -72,11 +74,12 @@ pub struct Deframer {
     truncated: u64,
 }
 
-/// What it holds is message content (PHI): wiped when the connection ends.
+/// What it holds is message content (PHI): wiped when the connection ends. Both buffers grow
+/// through [`wipe::extend`], so no block they outgrew was freed unwiped.
 impl Drop for Deframer {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.pending);
-        zeroize::Zeroize::zeroize(&mut self.payload);
+        wipe::vec(&mut self.pending);
+        wipe::vec(&mut self.payload);
     }
 }
 
@@ -100,7 +103,7 @@ impl Deframer {
             self.pending.clear();
             self.pos = 0;
         }
-        self.pending.extend_from_slice(data);
+        wipe::extend(&mut self.pending, data, usize::MAX);
     }
 
     /// Bytes discarded outside frames since the last call (resets the count).
@@ -150,7 +153,7 @@ impl Deframer {
                     if self.payload.len() + take > self.max_size {
                         return Some(self.oversized());
                     }
-                    self.payload.extend_from_slice(&rest[..take]);
+                    wipe::extend(&mut self.payload, &rest[..take], self.max_size);
                     self.pos += take;
                     match end.and_then(|i| rest.get(i)) {
                         Some(&EB) => {
@@ -162,7 +165,7 @@ impl Deframer {
                             // A start block before the end block: the frame was cut short.
                             self.truncated += 1;
                             self.discarded += self.payload.len() as u64;
-                            self.payload.clear();
+                            wipe::vec(&mut self.payload);
                             self.pos += 1;
                         }
                         None => {}
@@ -172,13 +175,20 @@ impl Deframer {
         }
     }
 
+    /// The prefix is a new block of its own size; the payload's (up to `max_size`) is wiped.
     fn oversized(&mut self) -> Event {
-        let mut prefix = std::mem::take(&mut self.payload);
-        let room = OVERSIZED_PREFIX.saturating_sub(prefix.len());
         let rest = self.pending.get(self.pos..).unwrap_or(&[]);
-        prefix.extend_from_slice(&rest[..room.min(rest.len())]);
-        prefix.truncate(OVERSIZED_PREFIX);
-        // The connection is closed after this; drop everything buffered.
+        let kept = self
+            .payload
+            .get(..OVERSIZED_PREFIX)
+            .unwrap_or(&self.payload);
+        let from_rest = &rest[..OVERSIZED_PREFIX.saturating_sub(kept.len()).min(rest.len())];
+        let mut prefix = Vec::with_capacity(kept.len() + from_rest.len());
+        prefix.extend_from_slice(kept);
+        prefix.extend_from_slice(from_rest);
+        wipe::vec(&mut self.payload);
+        // The connection is closed after this; drop everything buffered (wiped with the
+        // deframer).
         self.pending.clear();
         self.pos = 0;
         self.state = State::Outside;
@@ -278,6 +288,40 @@ mod tests {
             [Event::Oversized { prefix, limit }] => {
                 assert!(prefix.starts_with(b"MSH|0123"));
                 assert_eq!(*limit, 10);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_frame_read_in_pieces_arrives_whole() {
+        let body: Vec<u8> = (0..200 * 1024).map(|i| b"MSH|PID|OBX|"[i % 12]).collect();
+        let bytes = encode(&body);
+        let mut d = Deframer::new(1024 * 1024);
+        let mut got = Vec::new();
+        for piece in bytes.chunks(16 * 1024) {
+            d.push(piece);
+            got.extend(frames(&mut d));
+        }
+        assert_eq!(got, vec![Event::Frame(body)]);
+    }
+
+    #[test]
+    fn an_oversized_prefix_is_the_first_64_kib_in_a_block_of_its_own() {
+        let body: Vec<u8> = (0..300 * 1024).map(|i| b'A' + (i % 26) as u8).collect();
+        let mut d = Deframer::new(200 * 1024);
+        let mut got = Vec::new();
+        d.push(&[SB]);
+        for piece in body.chunks(16 * 1024) {
+            d.push(piece);
+            got.extend(frames(&mut d));
+        }
+        match got.as_slice() {
+            [Event::Oversized { prefix, limit }] => {
+                assert_eq!(prefix.as_slice(), &body[..OVERSIZED_PREFIX]);
+                // Not the payload's block cut short: no room holding more of the message.
+                assert_eq!(prefix.capacity(), OVERSIZED_PREFIX);
+                assert_eq!(*limit, 200 * 1024);
             }
             other => panic!("unexpected {other:?}"),
         }

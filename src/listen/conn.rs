@@ -73,6 +73,8 @@ pub async fn serve<S>(
             let (reply, next) = match event {
                 Event::Frame(payload) => handle_frame(payload, &peer, shared).await,
                 Event::Oversized { prefix, limit } => {
+                    // Up to 64 KiB of the message: wiped once the NAK is built.
+                    let prefix = zeroize::Zeroizing::new(prefix);
                     add(&counters.frames_oversized, 1);
                     tracing::warn!(listener = %s.name, peer = %peer, limit, "Message larger than max_message_size: rejected, connection closed.");
                     rejected(

@@ -139,7 +139,7 @@ pub struct Intake {
 /// The received message is PHI in plaintext: wiped once sealed and dropped.
 impl Drop for Intake {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.raw);
+        crate::wipe::vec(&mut self.raw);
     }
 }
 
