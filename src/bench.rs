@@ -2,6 +2,7 @@
 //! loopback, with the disk's own fsync rate measured in the same run for comparison.
 //! Figures only; nothing here asserts a target.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,10 +23,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
     /// Concurrent connections for the parallel scenarios.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub connections: usize,
     /// Offered rate (msg/s) of the latency scenario.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: u32,
     /// Folder for the store and certificates (default: a new folder under /var/tmp, on disk).
     #[arg(long)]
@@ -39,6 +40,15 @@ pub struct BenchArgs {
     /// Run only the intake scenarios.
     #[arg(long, conflicts_with = "relay_only")]
     pub intake_only: bool,
+}
+
+/// A count of 1 or more (0 connections would divide by zero).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 struct Report {
@@ -270,14 +280,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Ctrl-C or SIGTERM drops the scenarios (their engine process is killed with them) and
     // removes the store as a finished run does; a failed run leaves it, with the engine's log,
     // for inspection.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The engine runs in a process group of its own, so a terminal's Ctrl-C reaches the bench
+    // only, and the bench stops it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let outcome = tokio::select! {
-        r = scenarios(&args, &dir) => r.map(|()| true),
-        _ = tokio::signal::ctrl_c() => Ok(false),
-        _ = term.recv() => Ok(false),
+        biased;
+        Some(()) = int.recv() => Ok(Some(nix::sys::signal::Signal::SIGINT)),
+        Some(()) = term.recv() => Ok(Some(nix::sys::signal::Signal::SIGTERM)),
+        r = scenarios(&args, &dir) => r.map(|()| None),
     };
-    let finished = match outcome {
-        Ok(finished) => finished,
+    let interrupted = match outcome {
+        Ok(signal) => signal,
         Err(e) => {
             return Err(e.context(format!(
                 "bench failed; its store is left under {}",
@@ -285,8 +300,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )))
         }
     };
-    if !finished {
-        eprintln!("hl7edge bench: interrupted");
+    if let Some(signal) = interrupted {
+        eprintln!("hl7edge bench: interrupted by {signal}");
     }
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM")) {
@@ -299,10 +314,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.state_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    if finished {
-        Ok(())
-    } else {
-        std::process::exit(130)
+    match interrupted {
+        // As a shell reports a process a signal ended: 128 + its number.
+        Some(signal) => std::process::exit(128 + signal as i32),
+        None => Ok(()),
     }
 }
 
@@ -361,6 +376,7 @@ impl EngineProcess {
                 "MALLOC_ARENA_MAX",
                 std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()),
             )
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -420,7 +436,14 @@ impl EngineProcess {
     async fn stop(mut self) -> anyhow::Result<()> {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let status = tokio::task::spawn_blocking(move || self.child.wait()).await??;
+        // Polled, not waited for on a blocking thread: an interrupted bench drops this future
+        // and, still owning the child, kills it (Drop).
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
         anyhow::ensure!(status.success(), "engine exited with {status}");
         Ok(())
     }
