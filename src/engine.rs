@@ -20,6 +20,7 @@ use crate::control;
 use crate::forward::{self, DestStatus, Forwarder, SharedStatus};
 use crate::keys::{self, KeyError};
 use crate::listen::{self, conn::AckIds, ListenError, Shared};
+use crate::reload::{ReloadError, Reloaded, Reloader, Swappable};
 use crate::route::Router;
 use crate::store::{AuditSink, StartAudit, Store, StoreError};
 use crate::telemetry::Counters;
@@ -65,6 +66,8 @@ pub struct Engine {
     control: control::Context,
     metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
+    /// The TLS configurations a SIGHUP reloads.
+    reloader: Reloader,
 }
 
 impl Engine {
@@ -137,14 +140,20 @@ impl Engine {
             .collect();
         // Build every TLS client before anything starts, so a bad CA or key stops start-up.
         let mut upstreams = Vec::with_capacity(settings.destinations.len());
+        let mut reloader = Reloader::default();
         for d in &settings.destinations {
             upstreams.push(match (&d.kind, &d.tls) {
-                (DestinationKind::Mllps, Some(t)) => Some(forward::tls::upstream(t).map_err(
-                    |source| EngineError::Destination {
-                        name: d.name.clone(),
-                        source,
-                    },
-                )?),
+                (DestinationKind::Mllps, Some(t)) => {
+                    let up =
+                        Swappable::new(Arc::new(forward::tls::upstream(t).map_err(|source| {
+                            EngineError::Destination {
+                                name: d.name.clone(),
+                                source,
+                            }
+                        })?));
+                    reloader.destination(&d.name, t, up.clone());
+                    Some(up)
+                }
                 _ => None,
             });
         }
@@ -163,7 +172,7 @@ impl Engine {
         let router = Arc::new(Router::new(&settings.routes, &settings.destinations));
         let mut bound = Vec::new();
         for l in &settings.listeners {
-            bound.push(listen::bind(Shared {
+            let b = listen::bind(Shared {
                 settings: l.clone(),
                 store: running.handle.clone(),
                 router: Arc::clone(&router),
@@ -173,7 +182,11 @@ impl Engine {
                 audit: running.audit.clone(),
                 audit_keys: Arc::clone(&audit_keys),
                 security_seen: Default::default(),
-            })?);
+            })?;
+            if let (Some(current), Some(t)) = (b.tls(), &l.tls) {
+                reloader.listener(&l.name, t, current);
+            }
+            bound.push(b);
         }
         let statuses: Vec<SharedStatus> = dest_names
             .iter()
@@ -271,7 +284,39 @@ impl Engine {
             control: ctx,
             metrics_addr,
             grace: settings.shutdown_grace,
+            reloader,
         })
+    }
+
+    /// Reads the TLS files the configuration names again and swaps them in for new
+    /// connections, all or none (SIGHUP). Logged and audited (`tls.reloaded`,
+    /// `tls.reload_failed`).
+    pub fn reload_tls(&self) -> Result<Reloaded, ReloadError> {
+        let result = self.reloader.reload();
+        match &result {
+            Ok(done) => {
+                tracing::info!(listeners = ?done.listeners, destinations = ?done.destinations,
+                    "TLS certificates, keys and CAs reloaded; new connections use them, open ones keep theirs.");
+                self.control.audit.record(
+                    Event::new("tls.reloaded")
+                        .actor("SIGHUP")
+                        .outcome("reloaded")
+                        .with("listeners", done.listeners.join(" "))
+                        .with("destinations", done.destinations.join(" ")),
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; nothing changed.");
+                self.control.audit.record(
+                    Event::new("tls.reload_failed")
+                        .severity(Severity::Warning)
+                        .actor("SIGHUP")
+                        .outcome("nothing changed")
+                        .with("error", e),
+                );
+            }
+        }
+        result
     }
 
     /// The control context: queue figures and dead-letter actions, as the socket serves them.
@@ -332,17 +377,33 @@ pub async fn run(settings: Settings) -> Result<(), EngineError> {
         tracing::info!(listener = %name, address = %addr, "Ready.");
     }
     // Handlers first: a SIGTERM right after READY must drain, not kill the process.
-    let signals = Signals::install();
+    let mut signals = Signals::install();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    signals.wait().await;
+    while let Wake::Reload = signals.wait().await {
+        // systemd's reload protocol: RELOADING=1, then READY=1 once done, failed or not.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        let _ = engine.reload_tls();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
     tracing::info!("Stopping: no new connections; finishing pending commits and ACKs.");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     engine.shutdown().await;
     Ok(())
 }
 
-/// SIGTERM and SIGINT handlers, installed before READY is sent.
-struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+/// SIGTERM, SIGINT and SIGHUP handlers, installed before READY is sent.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+enum Wake {
+    Stop,
+    Reload,
+}
 
 impl Signals {
     fn install() -> Signals {
@@ -350,22 +411,25 @@ impl Signals {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
             _ => Signals(None),
         }
     }
 
-    async fn wait(self) {
-        match self.0 {
-            Some((mut term, mut int)) => {
+    async fn wait(&mut self) -> Wake {
+        match &mut self.0 {
+            Some((term, int, hup)) => {
                 tokio::select! {
-                    _ = term.recv() => {},
-                    _ = int.recv() => {},
+                    _ = term.recv() => Wake::Stop,
+                    _ = int.recv() => Wake::Stop,
+                    _ = hup.recv() => Wake::Reload,
                 }
             }
             None => {
                 let _ = tokio::signal::ctrl_c().await;
+                Wake::Stop
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod hl7;
 pub mod keys;
 pub mod listen;
 pub mod metrics;
+pub mod reload;
 pub mod route;
 pub mod store;
 pub mod telemetry;

@@ -84,7 +84,8 @@ enum Failure {
 
 pub struct Forwarder {
     pub dest: DestinationSettings,
-    pub tls: Option<Upstream>,
+    /// Replaced by a reload; each new connection takes the current one.
+    pub tls: Option<crate::reload::Swappable<Upstream>>,
     pub reader: StoreReader,
     pub outcomes: Outcomes,
     pub audit: crate::store::AuditSink,
@@ -370,7 +371,7 @@ impl Forwarder {
             })?
             .map_err(|e| format!("connect to {target}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Stream> = match &self.tls {
+        let stream: Box<dyn Stream> = match self.tls.as_ref().map(|t| t.current()) {
             None => Box::new(tcp),
             Some(up) => {
                 let connector = tokio_rustls::TlsConnector::from(Arc::clone(&up.config));

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerKind, ListenerSettings};
+use crate::reload::Swappable;
 use crate::store::StoreHandle;
 use crate::telemetry::{add, Counters};
 
@@ -137,11 +138,15 @@ pub type SecuritySeen =
 /// A bound listener, not yet accepting.
 pub struct Bound {
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Swappable<rustls::ServerConfig>>,
     shared: Arc<Shared>,
 }
 
 impl Bound {
+    /// Its TLS configuration, which a reload replaces for new connections.
+    pub fn tls(&self) -> Option<Swappable<rustls::ServerConfig>> {
+        self.tls.clone()
+    }
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
     }
@@ -160,12 +165,14 @@ pub fn bind(shared: Shared) -> Result<Bound, ListenError> {
         source,
     };
     let tls = match (&s.kind, &s.tls) {
-        (ListenerKind::Mllps, Some(t)) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
-            |source| ListenError::Tls {
-                name: s.name.clone(),
-                source,
-            },
-        )?)),
+        (ListenerKind::Mllps, Some(t)) => {
+            Some(Swappable::new(tls::server_config(t).map_err(|source| {
+                ListenError::Tls {
+                    name: s.name.clone(),
+                    source,
+                }
+            })?))
+        }
         _ => None,
     };
     let domain = socket2::Domain::for_address(s.address);
@@ -242,7 +249,7 @@ pub async fn accept_loop(
         add(&counters.connections_accepted, 1);
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.current()));
         let shutdown = shutdown.clone();
         let alive = alive.clone();
         let mut abort = abort.clone();

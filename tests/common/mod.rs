@@ -69,6 +69,8 @@ pub struct Instance {
     pub mllp_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// The notify socket the engine was started with, kept for the reload protocol.
+    notify: Option<UnixDatagram>,
 }
 
 /// Configuration with an `integration` mllps listener and a `legacy` mllp listener on
@@ -152,6 +154,7 @@ impl Instance {
             mllp_port,
             child: None,
             log,
+            notify: None,
         }
     }
 
@@ -202,8 +205,39 @@ impl Instance {
                 }
             }
         }
-        let _ = std::fs::remove_file(&sock_path);
+        // The socket stays bound (its file goes with the test's folder) for `reload`.
+        self.notify = Some(sock);
         self.child = Some(child);
+    }
+
+    /// SIGHUP, then waits for the engine's RELOADING=1 and the READY=1 that ends the reload
+    /// (systemd's reload protocol: the readiness signal, no sleeps).
+    pub fn reload(&mut self) {
+        let sock = self.notify.as_ref().expect("engine started");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 256];
+        let mut reloading = false;
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    reloading |= msg.contains("RELOADING=1");
+                    if reloading && msg.contains("READY=1") {
+                        return;
+                    }
+                }
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no reload: {e}\n{}",
+                    self.log()
+                ),
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,188 @@
+//! Certificate rotation without a restart: on SIGHUP the engine reads again the TLS files its
+//! configuration names (each `mllps` listener's certificate, key and client CA; each `mllps`
+//! destination's CA and client certificate) and swaps them in for new connections. Open
+//! connections keep the configuration they were made with.
+//!
+//! A reload is all or nothing: when any file fails to load, nothing changes and the failure
+//! names the listener or destination and the file. Other configuration changes need a restart
+//! (the file is not read again).
+
+use std::sync::{Arc, RwLock};
+
+use rustls::ServerConfig;
+
+use crate::config::{ClientTls, TlsSettings};
+use crate::forward::tls::Upstream;
+use crate::listen::tls::TlsError;
+
+/// A value each new connection takes a snapshot of, and a reload replaces.
+pub struct Swappable<T>(Arc<RwLock<Arc<T>>>);
+
+impl<T> Clone for Swappable<T> {
+    fn clone(&self) -> Self {
+        Swappable(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Swappable<T> {
+    pub fn new(value: Arc<T>) -> Self {
+        Swappable(Arc::new(RwLock::new(value)))
+    }
+
+    /// The current value.
+    pub fn current(&self) -> Arc<T> {
+        // A writer only ever stores a whole Arc, so a poisoned lock still holds a valid value.
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn replace(&self, value: Arc<T>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+enum Slot {
+    Listener {
+        name: String,
+        tls: TlsSettings,
+        current: Swappable<ServerConfig>,
+    },
+    Destination {
+        name: String,
+        tls: ClientTls,
+        current: Swappable<Upstream>,
+    },
+}
+
+/// What a successful reload replaced: the listeners' and destinations' names.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub listeners: Vec<String>,
+    pub destinations: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("listener {name}: {source}")]
+    Listener { name: String, source: TlsError },
+    #[error("destination {name}: {source}")]
+    Destination { name: String, source: TlsError },
+}
+
+/// Every TLS configuration the engine serves or connects with, by listener and destination.
+#[derive(Default)]
+pub struct Reloader {
+    slots: Vec<Slot>,
+}
+
+impl Reloader {
+    pub fn listener(&mut self, name: &str, tls: &TlsSettings, current: Swappable<ServerConfig>) {
+        self.slots.push(Slot::Listener {
+            name: name.to_string(),
+            tls: tls.clone(),
+            current,
+        });
+    }
+
+    pub fn destination(&mut self, name: &str, tls: &ClientTls, current: Swappable<Upstream>) {
+        self.slots.push(Slot::Destination {
+            name: name.to_string(),
+            tls: tls.clone(),
+            current,
+        });
+    }
+
+    /// Reads every file again; replaces all the configurations, or none.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        enum Fresh {
+            Server(Arc<ServerConfig>),
+            Client(Upstream),
+        }
+        let mut fresh = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            fresh.push(match slot {
+                Slot::Listener { name, tls, .. } => {
+                    Fresh::Server(crate::listen::tls::server_config(tls).map_err(|source| {
+                        ReloadError::Listener {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?)
+                }
+                Slot::Destination { name, tls, .. } => {
+                    Fresh::Client(crate::forward::tls::upstream(tls).map_err(|source| {
+                        ReloadError::Destination {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?)
+                }
+            });
+        }
+        let mut done = Reloaded::default();
+        for (slot, fresh) in self.slots.iter().zip(fresh) {
+            match (slot, fresh) {
+                (Slot::Listener { name, current, .. }, Fresh::Server(config)) => {
+                    current.replace(config);
+                    done.listeners.push(name.clone());
+                }
+                (Slot::Destination { name, current, .. }, Fresh::Client(up)) => {
+                    current.replace(Arc::new(up));
+                    done.destinations.push(name.clone());
+                }
+                // Built from the same slot just above.
+                _ => {}
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener_tls(pki: &crate::devpki::DevPki) -> TlsSettings {
+        TlsSettings {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: Some(pki.ca_cert.clone()),
+            allowed_clients: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reload_replaces_every_configuration_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = crate::devpki::generate(&dir.path().join("a"), "a").unwrap();
+        let b = crate::devpki::generate(&dir.path().join("b"), "b").unwrap();
+        let slot = |pki| {
+            let t = listener_tls(pki);
+            (
+                Swappable::new(crate::listen::tls::server_config(&t).unwrap()),
+                t,
+            )
+        };
+        let (first, first_tls) = slot(&a);
+        let (second, second_tls) = slot(&b);
+        let mut r = Reloader::default();
+        r.listener("first", &first_tls, first.clone());
+        r.listener("second", &second_tls, second.clone());
+
+        let before = (first.current(), second.current());
+        std::fs::write(&b.server_key, "not a key").unwrap();
+        let err = r.reload().unwrap_err().to_string();
+        assert!(err.starts_with("listener second: "), "{err}");
+        assert!(err.contains(&b.server_key.display().to_string()), "{err}");
+        // The first listener's files were fine, and still nothing changed.
+        assert!(Arc::ptr_eq(&before.0, &first.current()));
+        assert!(Arc::ptr_eq(&before.1, &second.current()));
+
+        std::fs::copy(&a.server_key, &b.server_key).unwrap();
+        std::fs::copy(&a.server_cert, &b.server_cert).unwrap();
+        let done = r.reload().unwrap();
+        assert_eq!(done.listeners, ["first", "second"]);
+        assert!(!Arc::ptr_eq(&before.0, &first.current()));
+        assert!(!Arc::ptr_eq(&before.1, &second.current()));
+    }
+}
