@@ -279,6 +279,21 @@ impl Alerter {
                     .with("new_hash", e.detail.get("new_hash").map_or("-", |s| s)),
                 );
             }
+            // Certificates swapped by a reload change what the box trusts and presents.
+            if e.event == "tls.reloaded" && !win.contains(now) {
+                out.push(
+                    alert(
+                        "tls_reload_outside_window",
+                        now,
+                        "TLS certificates were reloaded outside the change window".into(),
+                    )
+                    .with("listeners", e.detail.get("listeners").map_or("-", |s| s))
+                    .with(
+                        "destinations",
+                        e.detail.get("destinations").map_or("-", |s| s),
+                    ),
+                );
+            }
         }
         out
     }
@@ -475,6 +490,12 @@ mod tests {
         assert!(a.observe(&ev("config.changed", at(5, 22, 30))).is_empty());
         let f = a.observe(&ev("config.changed", at(2, 10, 0)));
         assert_eq!(f[0].event, "alert.config_change_outside_window");
+        assert!(a.observe(&ev("tls.reloaded", at(5, 23, 0))).is_empty());
+        let f = a.observe(&ev("tls.reloaded", at(3, 14, 0)).with("listeners", "integration"));
+        assert_eq!(f[0].event, "alert.tls_reload_outside_window");
+        assert_eq!(f[0].detail["listeners"], "integration");
+        // A failed reload changed nothing.
+        assert!(a.observe(&ev("tls.reload_failed", at(3, 14, 0))).is_empty());
     }
 
     #[test]
