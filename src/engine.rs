@@ -372,12 +372,16 @@ impl Engine {
 
 /// Runs until SIGTERM or SIGINT, with sd_notify READY once started.
 pub async fn run(settings: Settings) -> Result<(), EngineError> {
+    // SIGHUP's default action ends the process: caught before the (possibly long) start, so a
+    // reload asked for meanwhile is done once ready instead. SIGTERM during the start still
+    // ends it at once (nothing is acknowledged yet).
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let engine = Engine::start(&settings).await?;
     for (name, addr) in engine.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "Ready.");
     }
     // Handlers first: a SIGTERM right after READY must drain, not kill the process.
-    let mut signals = Signals::install();
+    let mut signals = Signals::install(hangup);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     while let Wake::Reload = signals.wait().await {
         // systemd's reload protocol: RELOADING=1, then READY=1 once done, failed or not.
@@ -392,13 +396,10 @@ pub async fn run(settings: Settings) -> Result<(), EngineError> {
 }
 
 /// SIGTERM, SIGINT and SIGHUP handlers, installed before READY is sent.
-struct Signals(
-    Option<(
-        tokio::signal::unix::Signal,
-        tokio::signal::unix::Signal,
-        tokio::signal::unix::Signal,
-    )>,
-);
+struct Signals {
+    stop: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
 
 enum Wake {
     Stop,
@@ -406,31 +407,43 @@ enum Wake {
 }
 
 impl Signals {
-    fn install() -> Signals {
+    fn install(hangup: Option<tokio::signal::unix::Signal>) -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
+        let stop = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
-            _ => Signals(None),
-        }
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Signals { stop, hangup }
     }
 
     async fn wait(&mut self) -> Wake {
-        match &mut self.0 {
-            Some((term, int, hup)) => {
-                tokio::select! {
-                    _ = term.recv() => Wake::Stop,
-                    _ = int.recv() => Wake::Stop,
-                    _ = hup.recv() => Wake::Reload,
+        let hangup = async {
+            match &mut self.hangup {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let stop = async {
+            match &mut self.stop {
+                Some((term, int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
                 }
             }
-            None => {
-                let _ = tokio::signal::ctrl_c().await;
-                Wake::Stop
-            }
+        };
+        tokio::select! {
+            () = stop => Wake::Stop,
+            () = hangup => Wake::Reload,
         }
     }
 }
