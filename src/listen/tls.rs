@@ -36,7 +36,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certs {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: pem_reason(e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCerts {
@@ -44,6 +44,17 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         });
     }
     Ok(certs)
+}
+
+/// Why a PEM file could not be read, in words that never quote the file: a parse error
+/// would print the offending line, and a file holding a key beside its certificates would
+/// put key material in a log or the audit trail.
+fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM section found".into(),
+        _ => "not valid PEM".into(),
+    }
 }
 
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1). The error never includes key bytes.
@@ -165,5 +176,35 @@ mod identity_tests {
         );
         assert!(client_allowed(std::slice::from_ref(subject), &ids));
         assert!(!client_allowed(&["SUBJECT:CN=ehr01, O=Other".into()], &ids));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_never_quote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        for text in [
+            "-----BEGIN CERTIFICATE-----\nMIIB\nSECRETKEY@@@\n-----END CERTIFICATE-----\n",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----BEGIN PRIVATE KEY-----SECRETKEY\n",
+            "-----BEGIN PRIVATE KEY-----SECRETKEY\n-----END PRIVATE KEY-----\n",
+            "-----BEGIN CERTIFICATE-----\nSECRETKEY\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            for err in [
+                load_certs(&path).map(|_| ()).unwrap_err().to_string(),
+                load_roots(&path).map(|_| ()).unwrap_err().to_string(),
+                load_key(&path).map(|_| ()).unwrap_err().to_string(),
+            ] {
+                assert!(err.contains(&path.display().to_string()), "{err}");
+                // Neither as text nor as the byte list a parse error prints.
+                assert!(!err.contains("SECRET"), "{err}");
+                assert!(!err.contains("83, 69, 67, 82, 69, 84"), "{err}");
+            }
+        }
     }
 }
