@@ -43,6 +43,8 @@ pub enum Request {
     },
     /// Records an event of a command run beside the engine (`keys`, `audit export`, ...).
     AuditRecord(Box<crate::audit::Event>),
+    /// Reads the TLS files again (`hl7edge tls reload`); answered once done.
+    TlsReload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -60,6 +62,7 @@ pub enum Answer {
         rows: Vec<(u64, String)>,
     },
     Recorded,
+    Reloaded(crate::reload::Reloaded),
     Error {
         message: String,
     },
@@ -134,6 +137,9 @@ pub struct Context {
     pub audit: crate::store::AuditSink,
     /// Alerts fired per rule since start.
     pub alerts_fired: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    /// The engine's TLS reload (audited as `tls.reloaded`/`tls.reload_failed` with the
+    /// socket peer as actor).
+    pub tls_reload: Option<Arc<crate::reload::TlsReload>>,
 }
 
 /// The audit event of an operator request (`None` for the audit trail's own reads, which
@@ -189,6 +195,7 @@ impl Context {
                 e.severity = crate::audit::Severity::Info;
                 Request::AuditRecord(e)
             }
+            Request::TlsReload => return self.tls_reload(actor_of(uid)).await,
             other => other,
         };
         let event = admin_event(&req, uid);
@@ -204,6 +211,23 @@ impl Context {
             self.audit.record(e);
         }
         answer
+    }
+
+    async fn tls_reload(&self, actor: String) -> Answer {
+        let Some(reload) = self.tls_reload.clone() else {
+            return Answer::Error {
+                message: "this engine has no TLS reload".into(),
+            };
+        };
+        match tokio::task::spawn_blocking(move || reload.run(&actor)).await {
+            Ok(Ok(done)) => Answer::Reloaded(done),
+            Ok(Err(e)) => Answer::Error {
+                message: format!("{e}; nothing changed"),
+            },
+            Err(e) => Answer::Error {
+                message: e.to_string(),
+            },
+        }
     }
 
     /// An audit read off the runtime's threads.
@@ -278,6 +302,10 @@ impl Context {
             }
             Request::Replay(sel) => self.act(ControlOp::Replay(sel)).await,
             Request::Discard(sel) => self.act(ControlOp::Discard(sel)).await,
+            // Answered by `answer_audited`, which knows the peer.
+            Request::TlsReload => Answer::Error {
+                message: "a TLS reload needs the socket peer".into(),
+            },
         }
     }
 

@@ -20,7 +20,7 @@ use crate::control;
 use crate::forward::{self, DestStatus, Forwarder, SharedStatus};
 use crate::keys::{self, KeyError};
 use crate::listen::{self, conn::AckIds, ListenError, Shared};
-use crate::reload::{ReloadError, Reloaded, Reloader, Swappable};
+use crate::reload::{ReloadError, Reloaded, Reloader, Swappable, TlsReload};
 use crate::route::Router;
 use crate::store::{AuditSink, StartAudit, Store, StoreError};
 use crate::telemetry::Counters;
@@ -66,8 +66,8 @@ pub struct Engine {
     control: control::Context,
     metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
-    /// The TLS configurations a SIGHUP reloads.
-    reloader: Reloader,
+    /// The TLS configurations a SIGHUP (or `hl7edge tls reload`) reloads.
+    tls_reload: Arc<TlsReload>,
 }
 
 impl Engine {
@@ -192,6 +192,7 @@ impl Engine {
             .iter()
             .map(|_| Arc::new(std::sync::Mutex::new(DestStatus::default())))
             .collect();
+        let tls_reload = Arc::new(TlsReload::new(reloader, running.audit.clone()));
         let ctx = control::Context {
             handle: running.handle.clone(),
             reader: running.reader.clone(),
@@ -201,6 +202,7 @@ impl Engine {
             quota: settings.store.quota,
             audit: running.audit.clone(),
             alerts_fired: Arc::clone(&running.alerts_fired),
+            tls_reload: Some(Arc::clone(&tls_reload)),
         };
         let control_listener =
             control::bind(&settings.control_socket).map_err(|source| EngineError::Control {
@@ -284,39 +286,20 @@ impl Engine {
             control: ctx,
             metrics_addr,
             grace: settings.shutdown_grace,
-            reloader,
+            tls_reload,
         })
     }
 
     /// Reads the TLS files the configuration names again and swaps them in for new
     /// connections, all or none (SIGHUP). Logged and audited (`tls.reloaded`,
     /// `tls.reload_failed`).
-    pub fn reload_tls(&self) -> Result<Reloaded, ReloadError> {
-        let result = self.reloader.reload();
-        match &result {
-            Ok(done) => {
-                tracing::info!(listeners = ?done.listeners, destinations = ?done.destinations,
-                    "TLS certificates, keys and CAs reloaded; new connections use them, open ones keep theirs.");
-                self.control.audit.record(
-                    Event::new("tls.reloaded")
-                        .actor("SIGHUP")
-                        .outcome("reloaded")
-                        .with("listeners", done.listeners.join(" "))
-                        .with("destinations", done.destinations.join(" ")),
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; nothing changed.");
-                self.control.audit.record(
-                    Event::new("tls.reload_failed")
-                        .severity(Severity::Warning)
-                        .actor("SIGHUP")
-                        .outcome("nothing changed")
-                        .with("error", e),
-                );
-            }
+    pub async fn reload_tls(&self) -> Result<Reloaded, ReloadError> {
+        let reload = Arc::clone(&self.tls_reload);
+        match tokio::task::spawn_blocking(move || reload.run("SIGHUP")).await {
+            Ok(r) => r,
+            // Only if the reload panicked, which it does not; nothing was swapped then.
+            Err(e) => Err(ReloadError::Aborted(e.to_string())),
         }
-        result
     }
 
     /// The control context: queue figures and dead-letter actions, as the socket serves them.
@@ -364,6 +347,8 @@ impl Engine {
                 .outcome("stopped"),
         );
         drop(self.control);
+        // It holds an audit sender too.
+        drop(self.tls_reload);
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         tracing::info!("Engine stopped.");
@@ -386,7 +371,7 @@ pub async fn run(settings: Settings) -> Result<(), EngineError> {
     while let Wake::Reload = signals.wait().await {
         // systemd's reload protocol: RELOADING=1, then READY=1 once done, failed or not.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let _ = engine.reload_tls();
+        let _ = engine.reload_tls().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
     tracing::info!("Stopping: no new connections; finishing pending commits and ACKs.");

@@ -85,6 +85,13 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// TLS certificates, keys and CAs of the running engine.
+    Tls {
+        #[arg(long, short, default_value = DEFAULT_PATH, global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Destination queues and dead letters: from the running engine over its control socket,
     /// or from the store when the engine is stopped.
     Queue {
@@ -96,6 +103,14 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Read again the TLS files the configuration names (listeners' cert, key and client CA;
+    /// destinations' CA and client certificate) and use them for new connections; all or
+    /// nothing. Answers once done: exit 0, or 70 naming the listener or destination and file.
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -342,6 +357,7 @@ fn run(cli: Cli) -> Result<(), ExitCode> {
             json,
             command,
         } => queue(&config, json, command),
+        Command::Tls { config, command } => tls(&config, command),
         Command::Audit { config, command } => {
             let settings = load(&config)?;
             init_cli_logging();
@@ -709,9 +725,41 @@ fn queue(config: &std::path::Path, json: bool, command: QueueCommand) -> Result<
             }
         }
         Answer::Error { message } => return Err(fail(message)),
-        Answer::AuditRows { .. } | Answer::Recorded => {}
+        Answer::AuditRows { .. } | Answer::Recorded | Answer::Reloaded(_) => {}
     }
     Ok(())
+}
+
+/// `hl7edge tls reload`: the running engine reads its TLS files again; answers once done
+/// (systemd's `ExecReload=`), exit 0 or 70 naming what failed.
+fn tls(config: &std::path::Path, command: TlsCommand) -> Result<(), ExitCode> {
+    use hl7edge::control::{self, Answer, Request};
+    let TlsCommand::Reload = command;
+    let settings = load(config)?;
+    init_cli_logging();
+    match control::request(&settings.control_socket, &Request::TlsReload).map_err(fail)? {
+        Some(Answer::Reloaded(done)) => {
+            let names = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "TLS reloaded: listeners {}; destinations {}",
+                names(&done.listeners),
+                names(&done.destinations)
+            );
+            Ok(())
+        }
+        Some(Answer::Error { message }) => Err(fail(format!("tls reload: {message}"))),
+        Some(_) => Err(fail("tls reload: unexpected answer from the engine")),
+        None => Err(fail(format!(
+            "tls reload: the engine is not running (no control socket at {}); it reads its files when it starts",
+            settings.control_socket.display()
+        ))),
+    }
 }
 
 enum QueueKind {

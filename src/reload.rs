@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::ServerConfig;
 
+use crate::audit::{Event, Severity};
 use crate::config::{ClientTls, TlsSettings};
 use crate::forward::tls::Upstream;
 use crate::listen::tls::TlsError;
@@ -53,8 +54,50 @@ enum Slot {
     },
 }
 
+/// A reload with its log line and audit record: what SIGHUP and `hl7edge tls reload` run.
+pub struct TlsReload {
+    reloader: Reloader,
+    audit: crate::store::AuditSink,
+}
+
+impl TlsReload {
+    pub fn new(reloader: Reloader, audit: crate::store::AuditSink) -> Self {
+        TlsReload { reloader, audit }
+    }
+
+    /// Reloads for `actor` (`SIGHUP`, or `uid:N` on the control socket); logged and audited
+    /// (`tls.reloaded`, `tls.reload_failed`). Reads files: call it off the runtime's workers.
+    pub fn run(&self, actor: &str) -> Result<Reloaded, ReloadError> {
+        let result = self.reloader.reload();
+        match &result {
+            Ok(done) => {
+                tracing::info!(actor, listeners = ?done.listeners, destinations = ?done.destinations,
+                    "TLS certificates, keys and CAs reloaded; new connections use them (forwarders reconnect; open listener connections keep theirs).");
+                self.audit.record(
+                    Event::new("tls.reloaded")
+                        .actor(actor)
+                        .outcome("reloaded")
+                        .with("listeners", done.listeners.join(" "))
+                        .with("destinations", done.destinations.join(" ")),
+                );
+            }
+            Err(e) => {
+                tracing::error!(actor, error = %e, "TLS reload failed; nothing changed.");
+                self.audit.record(
+                    Event::new("tls.reload_failed")
+                        .severity(Severity::Warning)
+                        .actor(actor)
+                        .outcome("nothing changed")
+                        .with("error", e),
+                );
+            }
+        }
+        result
+    }
+}
+
 /// What a successful reload replaced: the listeners' and destinations' names.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reloaded {
     pub listeners: Vec<String>,
     pub destinations: Vec<String>,
@@ -67,6 +110,8 @@ pub enum ReloadError {
     Listener { name: String, source: TlsError },
     #[error("destination {name}: {source}")]
     Destination { name: String, source: TlsError },
+    #[error("the reload did not complete: {0}")]
+    Aborted(String),
 }
 
 /// Every TLS configuration the engine serves or connects with, by listener and destination.

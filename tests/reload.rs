@@ -148,9 +148,18 @@ fn sighup_rotates_listener_certificates_without_dropping_open_connections() {
         "RLD7"
     ));
 
-    // A reload that cannot read a file changes nothing and says what failed.
+    // A reload that cannot read a file changes nothing and says what failed: here through
+    // `hl7edge tls reload` (systemd's ExecReload), which answers once done.
     std::fs::write(&old.server_key, "not a key\n").unwrap();
-    inst.reload();
+    let out = inst.cli(&["tls", "reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{err}");
+    assert!(
+        err.contains("listener integration")
+            && err.contains(&old.server_key.display().to_string())
+            && err.contains("nothing changed"),
+        "{err}"
+    );
     assert!(accepted(
         Session::with(port, &new).exchange(&adt("RLD6", "F")),
         "RLD6"
@@ -178,9 +187,15 @@ fn sighup_rotates_listener_certificates_without_dropping_open_connections() {
         .collect();
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0]["event"], "tls.reloaded");
+    assert_eq!(events[0]["actor"], "SIGHUP");
     assert_eq!(events[1]["event"], "tls.reload_failed");
     let failed = events[1].to_string();
     assert!(failed.contains("listener integration"), "{failed}");
+    // The command's caller, as the control socket saw it.
+    assert!(
+        events[1]["actor"].as_str().unwrap().starts_with("uid:"),
+        "{failed}"
+    );
 }
 
 #[test]
@@ -213,12 +228,41 @@ fn sighup_reloads_a_destination_ca_and_delivery_resumes() {
     assert!(up.received().is_empty());
 
     std::fs::copy(&hospital.ca_cert, &ca).unwrap();
-    inst.reload();
+    let out = inst.cli(&["tls", "reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "TLS reloaded: listeners integration; destinations hospital"
+    );
     let aa = wait_for(&inst, "delivery after the reload", 60, || {
         let aa = ids_with(&up.received(), "AA");
         (!aa.is_empty()).then_some(aa)
     });
     assert_eq!(aa, ["RLDF1"]);
+
+    // Retiring the CA again reaches the connection the forwarder keeps open as well: the next
+    // message is not sent on it, and the new connection fails its handshake.
+    let failed_before = inst.dest_status("hospital")["live"]["last_error_ms"]
+        .as_u64()
+        .unwrap();
+    std::fs::copy(&retired.ca_cert, &ca).unwrap();
+    assert!(inst.cli(&["tls", "reload"]).status.success());
+    let ack = send_plain(
+        inst.plain_addr(),
+        &hl7_message("EHR", "ADT^A01^ADT_A01", "RLDF2"),
+    )
+    .unwrap();
+    assert_eq!(ack_code(&ack).as_deref(), Some("AA"), "{ack}");
+    wait_for(&inst, "a new TLS failure toward the hospital", 30, || {
+        let ms = inst.dest_status("hospital")["live"]["last_error_ms"].as_u64()?;
+        (ms > failed_before).then_some(())
+    });
+    assert_eq!(ids_with(&up.received(), "AA"), ["RLDF1"]);
+    assert_eq!(inst.dest_status("hospital")["depth"], 1);
     inst.stop();
     assert!(
         inst.log()

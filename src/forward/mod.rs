@@ -99,6 +99,8 @@ impl Forwarder {
         let mut cursor = 0u64;
         let mut batch: VecDeque<Queued> = VecDeque::new();
         let mut conn: Option<Conn> = None;
+        // The TLS configuration the open connection was made with.
+        let mut conn_tls: Option<Arc<Upstream>> = None;
         let mut conn_failures = 0u32;
         // Whether the open connection already carried an answered exchange.
         let mut reused = false;
@@ -152,12 +154,22 @@ impl Forwarder {
                     continue;
                 }
             };
+            // After a reload, the next message goes on a connection made with the new files
+            // (a kept-open connection could otherwise trust a retired CA for days).
+            if let (Some(_), Some(used), Some(t)) = (&conn, &conn_tls, &self.tls) {
+                if !Arc::ptr_eq(used, &t.current()) {
+                    tracing::info!(destination = %name, "TLS configuration reloaded; reconnecting.");
+                    conn = None;
+                }
+            }
             if conn.is_none() {
                 update(&self.status, |s| s.state = "connecting".into());
-                match self.connect().await {
+                let tls = self.tls.as_ref().map(|t| t.current());
+                match self.connect(tls.clone()).await {
                     Ok(c) => {
                         tracing::info!(destination = %name, "Connected.");
                         conn = Some(c);
+                        conn_tls = tls;
                         reused = false;
                         conn_failures = 0;
                         update(&self.status, |s| s.state = "connected".into());
@@ -358,7 +370,8 @@ impl Forwarder {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, String> {
+    /// Connects, over TLS with `tls` when the destination is `mllps`.
+    async fn connect(&self, tls: Option<Arc<Upstream>>) -> Result<Conn, String> {
         let d = &self.dest;
         let target = format!("{}:{}", d.host, d.port);
         let tcp = tokio::time::timeout(d.connect_timeout, connect_tcp(d))
@@ -371,7 +384,7 @@ impl Forwarder {
             })?
             .map_err(|e| format!("connect to {target}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Stream> = match self.tls.as_ref().map(|t| t.current()) {
+        let stream: Box<dyn Stream> = match tls {
             None => Box::new(tcp),
             Some(up) => {
                 let connector = tokio_rustls::TlsConnector::from(Arc::clone(&up.config));
