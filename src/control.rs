@@ -139,7 +139,7 @@ pub struct Context {
     pub alerts_fired: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
     /// The engine's TLS reload (audited as `tls.reloaded`/`tls.reload_failed` with the
     /// socket peer as actor).
-    pub tls_reload: Option<Arc<crate::reload::TlsReload>>,
+    pub tls_reload: Arc<crate::reload::TlsReload>,
 }
 
 /// The audit event of an operator request (`None` for the audit trail's own reads, which
@@ -214,18 +214,10 @@ impl Context {
     }
 
     async fn tls_reload(&self, actor: String) -> Answer {
-        let Some(reload) = self.tls_reload.clone() else {
-            return Answer::Error {
-                message: "this engine has no TLS reload".into(),
-            };
-        };
-        match tokio::task::spawn_blocking(move || reload.run(&actor)).await {
-            Ok(Ok(done)) => Answer::Reloaded(done),
-            Ok(Err(e)) => Answer::Error {
-                message: format!("{e}; nothing changed"),
-            },
+        match Arc::clone(&self.tls_reload).run_blocking(actor).await {
+            Ok(done) => Answer::Reloaded(done),
             Err(e) => Answer::Error {
-                message: e.to_string(),
+                message: format!("{e}; nothing changed"),
             },
         }
     }

@@ -66,8 +66,6 @@ pub struct Engine {
     control: control::Context,
     metrics_addr: Option<SocketAddr>,
     grace: std::time::Duration,
-    /// The TLS configurations a SIGHUP (or `hl7edge tls reload`) reloads.
-    tls_reload: Arc<TlsReload>,
 }
 
 impl Engine {
@@ -192,7 +190,6 @@ impl Engine {
             .iter()
             .map(|_| Arc::new(std::sync::Mutex::new(DestStatus::default())))
             .collect();
-        let tls_reload = Arc::new(TlsReload::new(reloader, running.audit.clone()));
         let ctx = control::Context {
             handle: running.handle.clone(),
             reader: running.reader.clone(),
@@ -202,7 +199,7 @@ impl Engine {
             quota: settings.store.quota,
             audit: running.audit.clone(),
             alerts_fired: Arc::clone(&running.alerts_fired),
-            tls_reload: Some(Arc::clone(&tls_reload)),
+            tls_reload: Arc::new(TlsReload::new(reloader, running.audit.clone())),
         };
         let control_listener =
             control::bind(&settings.control_socket).map_err(|source| EngineError::Control {
@@ -286,7 +283,6 @@ impl Engine {
             control: ctx,
             metrics_addr,
             grace: settings.shutdown_grace,
-            tls_reload,
         })
     }
 
@@ -294,12 +290,9 @@ impl Engine {
     /// connections, all or none (SIGHUP). Logged and audited (`tls.reloaded`,
     /// `tls.reload_failed`).
     pub async fn reload_tls(&self) -> Result<Reloaded, ReloadError> {
-        let reload = Arc::clone(&self.tls_reload);
-        match tokio::task::spawn_blocking(move || reload.run("SIGHUP")).await {
-            Ok(r) => r,
-            // Only if the reload panicked, which it does not; nothing was swapped then.
-            Err(e) => Err(ReloadError::Aborted(e.to_string())),
-        }
+        Arc::clone(&self.control.tls_reload)
+            .run_blocking("SIGHUP".into())
+            .await
     }
 
     /// The control context: queue figures and dead-letter actions, as the socket serves them.
@@ -347,8 +340,6 @@ impl Engine {
                 .outcome("stopped"),
         );
         drop(self.control);
-        // It holds an audit sender too.
-        drop(self.tls_reload);
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         tracing::info!("Engine stopped.");

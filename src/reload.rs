@@ -94,6 +94,16 @@ impl TlsReload {
         }
         result
     }
+
+    /// [`TlsReload::run`] on a blocking thread, for the runtime's tasks (SIGHUP, the control
+    /// socket).
+    pub async fn run_blocking(self: Arc<Self>, actor: String) -> Result<Reloaded, ReloadError> {
+        match tokio::task::spawn_blocking(move || self.run(&actor)).await {
+            Ok(r) => r,
+            // Only if the reload panicked, which it does not; nothing was swapped then.
+            Err(e) => Err(ReloadError::Aborted(e.to_string())),
+        }
+    }
 }
 
 /// What a successful reload replaced: the listeners' and destinations' names.
@@ -139,44 +149,45 @@ impl Reloader {
 
     /// Reads every file again; replaces all the configurations, or none.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        enum Fresh {
-            Server(Arc<ServerConfig>),
-            Client(Upstream),
+        // Everything is loaded before anything is swapped.
+        enum Staged<'a> {
+            Server(&'a Swappable<ServerConfig>, Arc<ServerConfig>),
+            Client(&'a Swappable<Upstream>, Arc<Upstream>),
         }
-        let mut fresh = Vec::with_capacity(self.slots.len());
+        let mut staged = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
-            fresh.push(match slot {
-                Slot::Listener { name, tls, .. } => {
-                    Fresh::Server(crate::listen::tls::server_config(tls).map_err(|source| {
+            staged.push(match slot {
+                Slot::Listener { name, tls, current } => Staged::Server(
+                    current,
+                    crate::listen::tls::server_config(tls).map_err(|source| {
                         ReloadError::Listener {
                             name: name.clone(),
                             source,
                         }
-                    })?)
-                }
-                Slot::Destination { name, tls, .. } => {
-                    Fresh::Client(crate::forward::tls::upstream(tls).map_err(|source| {
+                    })?,
+                ),
+                Slot::Destination { name, tls, current } => Staged::Client(
+                    current,
+                    Arc::new(crate::forward::tls::upstream(tls).map_err(|source| {
                         ReloadError::Destination {
                             name: name.clone(),
                             source,
                         }
-                    })?)
-                }
+                    })?),
+                ),
             });
         }
+        for s in staged {
+            match s {
+                Staged::Server(current, config) => current.replace(config),
+                Staged::Client(current, up) => current.replace(up),
+            }
+        }
         let mut done = Reloaded::default();
-        for (slot, fresh) in self.slots.iter().zip(fresh) {
-            match (slot, fresh) {
-                (Slot::Listener { name, current, .. }, Fresh::Server(config)) => {
-                    current.replace(config);
-                    done.listeners.push(name.clone());
-                }
-                (Slot::Destination { name, current, .. }, Fresh::Client(up)) => {
-                    current.replace(Arc::new(up));
-                    done.destinations.push(name.clone());
-                }
-                // Built from the same slot just above.
-                _ => {}
+        for slot in &self.slots {
+            match slot {
+                Slot::Listener { name, .. } => done.listeners.push(name.clone()),
+                Slot::Destination { name, .. } => done.destinations.push(name.clone()),
             }
         }
         Ok(done)
